@@ -1,0 +1,56 @@
+"""ClientApp glue: message in -> SiteTrainer -> message out.
+
+Built on Flower's NumPyClient so that SecAgg+ (which in Flower 1.42 runs only on
+this path) is a mod in front of the same client, switched on by the server.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from client.site import SiteTrainer, site_from_context
+from common.config import Config, from_run_config
+from common.keys import Keys
+from common.model import get_adapter_arrays, set_adapter_arrays
+
+
+class SiteClient(NumPyClient):
+    def __init__(self, trainer: SiteTrainer) -> None:
+        self.trainer = trainer
+
+    def get_parameters(self, config):
+        return get_adapter_arrays(self.trainer.model)
+
+    def fit(self, parameters, config):
+        set_adapter_arrays(self.trainer.model, parameters)
+        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
+                               str(config[Keys.RUN_ID]))
+        return out["arrays"], out["num_examples"], out["metrics"]
+
+    def evaluate(self, parameters, config):
+        set_adapter_arrays(self.trainer.model, parameters)
+        return self.trainer.evaluate()
+
+
+def secure_aggregation_mod(msg, context, call_next):
+    """SecAgg+ when the server runs its SecAgg+ workflow, plain otherwise."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def build_app(cfg: Config | None = None) -> ClientApp:
+    """`cfg` given: in-process simulation; None: read Flower's run config."""
+
+    def client_fn(context: Context):
+        config = cfg if cfg is not None else from_run_config(context.run_config)
+        site = site_from_context(config, context)
+        return SiteClient(SiteTrainer(config, site, context.state)).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+
+
+app = build_app()

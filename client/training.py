@@ -1,0 +1,121 @@
+"""The training loops of a site: DP-SGD, and the non-private baseline.
+
+Private steps are Opacus DP-SGD: Poisson sampling at rate q, per-example clipping
+to C, Gaussian noise σ·C, accounted by an RDP accountant that continues the site's
+history. A Poisson batch is run as length-sorted chunks (Opacus virtual steps), so
+one optimizer step = one sampled batch = one accounted step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from common.evaluation import Encoded, chunks, collate
+
+
+@dataclass(frozen=True)
+class PrivateStep:
+    """The mechanism of one round: what the ledger records and the accountant composes."""
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float            # mean training loss over the round's non-empty batches
+    steps: int             # optimizer steps taken (= accounted steps when private)
+    examples: int          # records sampled over the round
+    empty_batches: int
+
+
+def _forward_loss(model, data: Encoded, rows, device) -> torch.Tensor:
+    ids, mask, labels = collate(data, rows, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits, labels)
+
+
+def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
+                  chunk_size: int, device: torch.device, accountant,
+                  generator: torch.Generator,
+                  progress: Callable[[int, float], None] | None = None) -> TrainStats:
+    """`step.steps` DP-SGD steps on `model`; each step is recorded in `accountant`.
+
+    The model's trainable parameters change in place. Per-sample gradient hooks are
+    removed before returning, so the model can be wrapped again next round.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    n = len(data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.Adam(params, lr=learning_rate),
+        noise_multiplier=step.noise_multiplier, max_grad_norm=step.max_grad_norm,
+        expected_batch_size=max(1, round(step.sample_rate * n)), loss_reduction="mean",
+        generator=generator,  # noise from the caller's (securely seeded) generator
+    )
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(
+        sample_rate=step.sample_rate))
+    losses, examples, empty = [], 0, 0
+    try:
+        for k in range(step.steps):
+            sampled = torch.nonzero(
+                torch.rand(n, generator=generator) < step.sample_rate).flatten().tolist()
+            if not sampled:  # nothing released, but accounted as a full step
+                accountant.step(noise_multiplier=step.noise_multiplier,
+                                sample_rate=step.sample_rate)
+                empty += 1
+                continue
+            pieces = chunks(data, sampled, chunk_size)
+            total = 0.0
+            for j, rows in enumerate(pieces):
+                loss = _forward_loss(gsm, data, rows, device)
+                loss.backward()
+                total += loss.detach().item() * len(rows)
+                optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(total / len(sampled))
+            examples += len(sampled)
+            if progress:
+                progress(k + 1, losses[-1])
+    finally:
+        gsm._close()  # remove hooks and per-sample buffers; model stays as it is
+    return TrainStats(_mean(losses), step.steps, examples, empty)
+
+
+def train_plain(model, data: Encoded, batch_size: int, steps: int, learning_rate: float,
+                chunk_size: int, device: torch.device, generator: torch.Generator,
+                max_grad_norm: float = 1.0) -> TrainStats:
+    """Non-private baseline: uniform batches without replacement, no noise."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    n, losses, examples = len(data), [], 0
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in chunks(data, batch, chunk_size):
+            loss = _forward_loss(model, data, rows, device) * (len(rows) / len(batch))
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(total)
+        examples += len(batch)
+    return TrainStats(_mean(losses), steps, examples, 0)
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan

@@ -1,0 +1,304 @@
+"""The one typed configuration of fedcare.
+
+Two doors lead here: YAML files (`load_yaml`) and Flower's run config
+(`from_run_config`, flat keys such as ``privacy.target_epsilon``). Both end in
+`from_mapping`, so there is one parser, one set of defaults and one validation.
+Every error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_DATA = "icd10"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "Local Hugging Face model folder, or the embedded MiniLM."},
+    )
+    max_length: int = field(default=64, metadata={"help": "Tokens kept per record."})
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "model.max_length", self.max_length, ">= 8")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    target_modules: tuple[str, ...] = field(
+        default=("query", "value"), metadata={"help": "Module names that get adapters."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", self.r, ">= 1")
+        _check(self.alpha >= 1, "lora.alpha", self.alpha, ">= 1")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        _check(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+               "at least one module name")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(
+        default=EMBEDDED_DATA,
+        metadata={"help": "'icd10' (embedded ICD-10-CM chapters) or 'files'."},
+    )
+    site_files: tuple[str, ...] = field(
+        default=(), metadata={"help": "source=files: one CSV/JSONL file per hospital."}
+    )
+    test_file: str = field(default="", metadata={"help": "source=files: held-out test file."})
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = field(
+        default=(), metadata={"help": "source=files: the label names, in class order."}
+    )
+    test_fraction: float = field(default=0.2, metadata={"help": "icd10: held-out share."})
+    val_fraction: float = field(default=0.1, metadata={"help": "Per-site validation share."})
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = field(default=1.0, metadata={"help": "Dirichlet label-skew concentration."})
+    quantity_skew: float = field(
+        default=0.0,
+        metadata={"help": "0 = sites of similar size; larger = lognormal sigma of sizes."},
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.source in (EMBEDDED_DATA, "files"), "data.source", self.source,
+               "'icd10' or 'files'")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
+               "in (0, 1)")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+               "in (0, 1)")
+        _check(self.alpha > 0, "data.alpha", self.alpha, "> 0")
+        _check(self.quantity_skew >= 0, "data.quantity_skew", self.quantity_skew, ">= 0")
+        if self.source == "files":
+            _check(len(self.site_files) > 0, "data.site_files", self.site_files,
+                   "one file per site when data.source is 'files'")
+            _check(len(self.labels) > 1, "data.labels", self.labels,
+                   "at least two label names when data.source is 'files'")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = field(default=True, metadata={"help": "False = non-private baseline."})
+    target_epsilon: float = field(default=8.0, metadata={"help": "Per-site epsilon for this run."})
+    delta: float = field(default=1e-5, metadata={"help": "Per-site delta."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
+    min_noise_multiplier: float = field(
+        default=0.0, metadata={"help": "Refuse to train with less noise than this."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "in (0, 1)")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.min_noise_multiplier >= 0, "privacy.min_noise_multiplier",
+               self.min_noise_multiplier, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = field(default=256, metadata={"help": "Expected (Poisson) batch size."})
+    local_steps: int = field(default=6, metadata={"help": "Optimizer steps per site per round."})
+    learning_rate: float = 1e-2
+    chunk_size: int = field(
+        default=64, metadata={"help": "Rows per forward pass; a batch is split into chunks."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = leave as is."})
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, ">= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(self.chunk_size >= 1, "train.chunk_size", self.chunk_size, ">= 1")
+        _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = 5
+    fraction_train: float = field(default=1.0, metadata={"help": "Share of sites per round."})
+    min_sites: int = field(default=2, metadata={"help": "Sites needed to start a round."})
+    evaluate_test_every: int = field(
+        default=0, metadata={"help": "Global test evaluation every N rounds; 0 = last only."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
+        _check(0 < self.fraction_train <= 1, "federation.fraction_train",
+               self.fraction_train, "in (0, 1]")
+        _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, ">= 1")
+        _check(self.evaluate_test_every >= 0, "federation.evaluate_test_every",
+               self.evaluate_test_every, ">= 0")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_sites: int = 4
+    cpus_per_site: float = field(default=1.0, metadata={"help": "Ray CPUs per site actor."})
+    output_dir: str = field(default="runs", metadata={"help": "Where run directories go."})
+    run_name: str = field(default="", metadata={"help": "Run directory name; '' = timestamp."})
+
+    def __post_init__(self) -> None:
+        _check(self.num_sites >= 1, "simulation.num_sites", self.num_sites, ">= 1")
+        _check(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.source == "files" and self.simulation.num_sites != len(self.data.site_files):
+            raise ConfigError(
+                f"simulation.num_sites must equal the number of data.site_files "
+                f"({len(self.data.site_files)}) (got {self.simulation.num_sites})"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat ``section.key`` form, as Flower's run config holds it."""
+        flat = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+        return flat
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed} (got {value!r})")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML / run-config value into the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)} (got {value!r})")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):  # Flower's run config has no lists: "a,b,c"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings (got {value!r})")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build_section(cls: type, name: str, values: Mapping[str, Any]) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{name} must be a mapping of settings (got {values!r})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]} is not a known setting; allowed: {sorted(known)}"
+        )
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def from_mapping(data: Mapping[str, Any] | None) -> Config:
+    """Build a Config from nested ``{section: {key: value}}`` data; missing = default."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the configuration must be a mapping of sections (got {data!r})")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a known section; allowed: {sorted(SECTIONS)}")
+    return Config(**{
+        name: _build_section(cls, name, data.get(name) or {}) for name, cls in SECTIONS.items()
+    })
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Build a Config from Flower's flat run config (``section.key = value``)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for flat_key, value in run_config.items():
+        section, _, key = flat_key.partition(".")
+        if not key:
+            raise ConfigError(f"{flat_key} is not a known setting; use 'section.key'")
+        nested.setdefault(section, {})[key] = value
+    return from_mapping(nested)
+
+
+def load_yaml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config (safe_load); ``overrides`` are flat ``section.key`` values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    data = dict(data or {})
+    for flat_key, value in (overrides or {}).items():
+        section, _, key = flat_key.partition(".")
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), key: value}
+    try:
+        return from_mapping(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+

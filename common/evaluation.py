@@ -1,0 +1,73 @@
+"""Token batches and the one evaluation loop, shared by sites, server and predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from common.data import TextDataset
+from common.metrics import classification_metrics
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of a dataset, unpadded; padding happens per chunk."""
+    ids: tuple[tuple[int, ...], ...]
+    labels: torch.Tensor  # (N,) int64
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(ds: TextDataset, tokenizer, max_length: int) -> Encoded:
+    out = tokenizer(list(ds.texts), truncation=True, max_length=max_length)
+    return Encoded(tuple(tuple(x) for x in out["input_ids"]),
+                   torch.tensor(ds.labels, dtype=torch.long), tokenizer.pad_token_id or 0)
+
+
+def collate(data: Encoded, rows: Sequence[int], device: torch.device):
+    """(input_ids, attention_mask, labels) padded to the longest row: (B, T), (B, T), (B,)."""
+    longest = max(len(data.ids[i]) for i in rows)
+    ids = torch.full((len(rows), longest), data.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for j, i in enumerate(rows):
+        ids[j, : len(data.ids[i])] = torch.tensor(data.ids[i])
+        mask[j, : len(data.ids[i])] = 1
+    return ids.to(device), mask.to(device), data.labels[list(rows)].to(device)
+
+
+def chunks(data: Encoded, rows: Sequence[int], size: int) -> list[list[int]]:
+    """Rows sorted by length and cut into pieces of at most `size` (less padding)."""
+    ordered = sorted(rows, key=lambda i: len(data.ids[i]))
+    return [ordered[k: k + size] for k in range(0, len(ordered), size)]
+
+
+@torch.no_grad()
+def predict_probs(model, data: Encoded, device: torch.device,
+                  batch_size: int = 256) -> np.ndarray:
+    """(N, C) softmax probabilities, in the order of `data`."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    out: list[np.ndarray | None] = [None] * len(data)
+    for k in range(0, len(order), batch_size):
+        rows = order[k: k + batch_size]
+        ids, mask, _ = collate(data, rows, device)
+        probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for row, p in zip(rows, probs.cpu().numpy()):
+            out[row] = p
+    model.train(was_training)
+    return np.stack(out)
+
+
+def evaluate(model, data: Encoded, num_classes: int, device: torch.device) -> dict[str, float]:
+    probs = predict_probs(model, data, device)
+    labels = data.labels.numpy()
+    metrics = classification_metrics(probs, labels, num_classes)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels],
+                                            1e-12, None)).mean())
+    return metrics

@@ -1,0 +1,49 @@
+"""Classification metrics over predicted probabilities: one function, plain floats."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import f1_score, recall_score, roc_auc_score
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int,
+                           ece_bins: int = 15) -> dict[str, float]:
+    """accuracy, macro recall / F1 over all classes, macro one-vs-rest AUROC over the
+    classes present (a class with no positive or no negative has no AUROC), and the
+    expected calibration error of the top-1 probability.
+
+    probs: (N, C) rows summing to 1; labels: (N,) ints in [0, C).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("metrics need at least one example")
+    pred = probs.argmax(axis=1)
+    classes = list(range(num_classes))
+    present = [c for c in classes if 0 < (labels == c).sum() < len(labels)]
+    auroc = float("nan")
+    if present:
+        onehot = labels[:, None] == np.asarray(present)[None, :]
+        auroc = float(roc_auc_score(onehot, probs[:, present], average="macro"))
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "macro_recall": float(recall_score(labels, pred, labels=classes, average="macro",
+                                           zero_division=0)),
+        "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro",
+                                   zero_division=0)),
+        "macro_auroc": auroc,
+        "ece": expected_calibration_error(probs, labels, ece_bins),
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Σ_b (|b|/N) |accuracy(b) - confidence(b)| over equal-width confidence bins."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)

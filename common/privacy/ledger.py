@@ -1,0 +1,367 @@
+"""Append-only, hash-chained, signed privacy ledger: one JSON entry per line.
+
+Each site records every release (and every refusal) *before* the update leaves the
+site: `Ledger.append` returns only after the line is fsynced (write-ahead). The ledger
+adds `seq`, `prev_hash` (the previous entry's `hash`, 64 zeros for the first),
+`key_fingerprint`, `hash` (sha256 hex of the canonical JSON of the entry without
+`hash` and `signature`) and `signature` (base64 Ed25519 over the 32 raw bytes of
+`hash`). Editing, deleting, inserting or reordering lines breaks the chain.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from datetime import datetime, timezone
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.privacy.keys import public_key_fingerprint, sign_digest, signature_valid
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+GENESIS_HASH = "0" * 64
+KINDS = ("train", "refusal", "personalize")
+# Fields the caller provides (`time` is filled in when absent, `reason` is required
+# for refusals only). Extra JSON fields are kept and covered by the hash.
+REQUIRED_FIELDS = (
+    "kind", "site", "run_id", "round", "data_fingerprint", "mechanism",
+    "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta",
+    "accountant", "epsilon", "epsilon_budget", "update_sha256",
+    "secure_aggregation", "software",
+)
+OPTIONAL_FIELDS = ("time", "reason")
+SEALED_FIELDS = ("seq", "prev_hash", "key_fingerprint", "hash", "signature")
+_STR = ("site", "run_id", "data_fingerprint", "accountant")
+_INT = ("round", "steps")
+_FLOAT = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon",
+          "epsilon_budget")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_RULES = {  # field -> (check, what it must be)
+    "kind": (lambda v: v in KINDS, f"one of {KINDS}"),
+    **{name: (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+       for name in _STR},
+    **{name: (lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= 0,
+              "an integer >= 0") for name in _INT},
+    **{name: (_is_num, "a finite number") for name in _FLOAT},
+    "delta": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "epsilon": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "epsilon_budget": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "mechanism": (lambda v: isinstance(v, dict), "a dict such as {'name': 'DP-SGD'}"),
+    "software": (lambda v: isinstance(v, dict), "a dict of package versions"),
+    "secure_aggregation": (lambda v: isinstance(v, bool), "true or false"),
+    "update_sha256": (lambda v: v is None or isinstance(v, str), "a hex string or None"),
+}
+
+
+class LedgerError(Exception):
+    """Base class of every ledger problem."""
+
+
+class LedgerEntryError(LedgerError, ValueError):
+    """An entry handed to `append` is incomplete or inconsistent; nothing was written."""
+
+
+class LedgerFormatError(LedgerError):
+    """A ledger line is not a JSON object (the message names the line)."""
+
+
+class LedgerTruncatedError(LedgerFormatError):
+    """The last line is incomplete: a write was interrupted (crash, full disk)."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """The existing ledger fails its hash chain or signatures; it must not be extended."""
+
+
+class LedgerConcurrentWriteError(LedgerError):
+    """The ledger file changed under this writer; another process appends to it."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def entry_hash(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def validate_fields(fields: dict) -> dict:
+    """A normalised copy of caller-provided entry fields, or LedgerEntryError."""
+    if not isinstance(fields, dict):
+        raise LedgerEntryError(f"A ledger entry must be a dict (got {type(fields).__name__}).")
+    missing = [name for name in REQUIRED_FIELDS if name not in fields]
+    if missing:
+        raise LedgerEntryError(f"Ledger entry is missing required fields {missing}; "
+                               f"every entry needs {list(REQUIRED_FIELDS)}.")
+    sealed = [name for name in SEALED_FIELDS if name in fields]
+    if sealed:
+        raise LedgerEntryError(f"Ledger entry sets {sealed}, which only the ledger "
+                               "writes; remove them from the fields.")
+    out = copy.deepcopy(fields)
+    for name, (ok, want) in _RULES.items():
+        if not ok(out[name]):
+            raise LedgerEntryError(f"Ledger field {name} must be {want} (got {out[name]!r}).")
+    out.update({name: int(out[name]) for name in _INT})
+    out.update({name: float(out[name]) for name in _FLOAT})
+    out["time"] = _check_time(out.get("time"))
+    if out["kind"] == "refusal":
+        if not isinstance(out.get("reason"), str) or not out["reason"]:
+            raise LedgerEntryError("A refusal entry needs a non-empty reason explaining "
+                                   "why nothing was released.")
+        if (out["noise_multiplier"], out["sample_rate"], out["steps"]) != (0.0, 0.0, 0):
+            raise LedgerEntryError("A refusal releases nothing: set noise_multiplier=0, "
+                                   "sample_rate=0.0 and steps=0.")
+    elif (out["noise_multiplier"] <= 0 or not 0 < out["sample_rate"] <= 1
+          or out["steps"] <= 0 or out["max_grad_norm"] <= 0):
+        raise LedgerEntryError(
+            f"A {out['kind']} entry must record a private release: noise_multiplier > 0, "
+            f"0 < sample_rate <= 1, steps > 0 and max_grad_norm > 0 (got "
+            f"{out['noise_multiplier']}, {out['sample_rate']}, {out['steps']}, "
+            f"{out['max_grad_norm']}); non-private runs keep no ledger.")
+    try:
+        canonical_json(out)
+    except (TypeError, ValueError) as exc:
+        raise LedgerEntryError(f"Ledger entry is not plain JSON ({exc}); pass only "
+                               "str/int/float/bool/None/list/dict values.") from exc
+    return out
+
+
+def seal_entry(fields: dict, *, seq: int, prev_hash: str, key: Ed25519PrivateKey) -> dict:
+    """Add seq, prev_hash, key_fingerprint, hash and signature (no validation)."""
+    entry = dict(fields)
+    entry.update(seq=seq, prev_hash=prev_hash,
+                 key_fingerprint=public_key_fingerprint(key.public_key()))
+    entry["hash"] = entry_hash(entry)
+    entry["signature"] = sign_digest(key, entry["hash"])
+    return entry
+
+
+def chain_problems(entries: Sequence[dict],
+                   lines: Sequence[int] | None = None) -> list[tuple[int, str]]:
+    """(position, sentence) for every break in seq, prev_hash or hash; `lines` gives
+    each entry's line number in the file (default: position + 1)."""
+    problems: list[tuple[int, str]] = []
+    prev_seq, prev_hash = -1, GENESIS_HASH
+    for pos, entry in enumerate(entries):
+        line = lines[pos] if lines is not None else pos + 1
+        absent = [name for name in SEALED_FIELDS if name not in entry]
+        if absent:
+            problems.append((pos, f"The entry on line {line} lacks {absent}, so it was "
+                                  "not written by a fedcare ledger."))
+            prev_seq, prev_hash = prev_seq + 1, entry.get("hash")
+            continue
+        seq = entry["seq"]
+        if seq != prev_seq + 1:
+            problems.append((pos, f"The entry on line {line} has seq {seq} where "
+                                  f"{prev_seq + 1} was expected: an entry was deleted, "
+                                  "inserted or moved here."))
+        if entry["prev_hash"] != prev_hash:
+            problems.append((pos, f"Entry seq {seq} (line {line}) does not link to the entry "
+                                  "before it (its prev_hash is not that entry's hash): the "
+                                  "ledger was cut, reordered or spliced here."))
+        if entry_hash(entry) != entry["hash"]:
+            problems.append((pos, f"Entry seq {seq} (line {line}) was changed after it was "
+                                  "written: its content no longer matches its recorded hash."))
+        prev_seq = seq if isinstance(seq, int) else prev_seq + 1
+        prev_hash = entry["hash"]
+    return problems
+
+
+def parse_ledger_bytes(data: bytes) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """((line, entry) for good lines, (line, sentence) for bad ones); lines count from 1."""
+    good: list[tuple[int, dict]] = []
+    bad: list[tuple[int, str]] = []
+    if not data:
+        return good, bad
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    for number, raw in enumerate(complete, start=1):
+        try:
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            bad.append((number, f"Line {number} is not valid UTF-8 text."))
+            continue
+        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, absurd integers
+            detail = (f"{exc.msg} at column {exc.colno}"
+                      if isinstance(exc, json.JSONDecodeError) else str(exc))
+            bad.append((number, f"Line {number} is not valid JSON ({detail})."))
+            continue
+        if not isinstance(value, dict):
+            bad.append((number, f"Line {number} is JSON but not an object."))
+            continue
+        good.append((number, value))
+    if tail:
+        number = len(complete) + 1
+        bad.append((number, f"Line {number} is incomplete (no final newline): a write was "
+                            "interrupted, e.g. by a crash; that entry's update was never "
+                            "released."))
+    return good, bad
+
+
+def read_entries(path: Path) -> list[dict]:
+    """Every entry of a ledger file; LedgerFormatError names the first bad line."""
+    path = Path(path)
+    return _entries_from_bytes(path.read_bytes(), path)
+
+
+def _entries_from_bytes(data: bytes, path: Path) -> list[dict]:
+    good, bad = parse_ledger_bytes(data)
+    if bad:
+        truncated = not data.endswith(b"\n") and len(bad) == 1
+        cls = LedgerTruncatedError if truncated else LedgerFormatError
+        hint = (" Its update was never released; remove the partial line with "
+                "common.privacy.ledger.discard_incomplete_tail before appending again."
+                if truncated else "")
+        raise cls(f"{path}: {bad[0][1]}{hint}")
+    return [entry for _, entry in good]
+
+
+def discard_incomplete_tail(path: Path) -> bytes:
+    """Cut an interrupted last line off `path` (an operator's explicit repair);
+    returns the bytes removed, b"" when the file ends cleanly."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return b""
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return data[keep:]
+
+
+class Ledger:
+    """One site's ledger file, opened for appending by the holder of the site key."""
+
+    def __init__(self, path: Path, key: Ed25519PrivateKey) -> None:
+        self.path = Path(path)
+        self._key = key
+        self._fingerprint = public_key_fingerprint(key.public_key())
+        self._entries: list[dict] = []
+        self._size = 0
+        self._failed: BaseException | None = None
+        if self.path.exists():
+            data = self.path.read_bytes()
+            self._entries = _entries_from_bytes(data, self.path)
+            self._size = len(data)
+            self._verify_existing()
+
+    def _verify_existing(self) -> None:
+        problems = [message for _, message in chain_problems(self._entries)]
+        public = self._key.public_key()
+        for entry in self._entries:
+            if entry.get("key_fingerprint") != self._fingerprint or not signature_valid(
+                    public, str(entry.get("hash")), str(entry.get("signature"))):
+                problems.append(f"Entry seq {entry.get('seq')} is not signed by this site's "
+                                f"key {self._fingerprint}.")
+        if problems:
+            raise LedgerIntegrityError(
+                f"Ledger {self.path} failed verification, so it will not be extended: "
+                f"{problems[0]} ({len(problems)} problem(s) in all). Keep the file for the "
+                f"auditor (`fedcare audit verify {self.path}`) and start a new ledger path.")
+
+    def append(self, fields: dict) -> dict:
+        """Validate, seal, write and fsync one entry; release the update only after."""
+        if self._failed is not None:
+            raise LedgerError(f"An earlier append to {self.path} failed ({self._failed}); "
+                              "reopen the ledger, which re-verifies it, before appending.")
+        entry = self._check_against_history(validate_fields(fields))
+        prev = self._entries[-1]["hash"] if self._entries else GENESIS_HASH
+        entry = seal_entry(entry, seq=len(self._entries), prev_hash=prev, key=self._key)
+        line = (canonical_json(entry) + "\n").encode("utf-8")
+        created = not self.path.exists()
+        try:
+            with open(self.path, "ab") as handle:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                if handle.seek(0, os.SEEK_END) != self._size:
+                    raise LedgerConcurrentWriteError(
+                        f"Ledger {self.path} changed since it was opened; only one process "
+                        "may write a site's ledger. Reopen it and retry.")
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if created and os.name == "posix":
+                _fsync_directory(self.path.parent)
+        except BaseException as exc:
+            self._failed = exc
+            raise
+        self._entries.append(entry)
+        self._size += len(line)
+        return copy.deepcopy(entry)
+
+    def _check_against_history(self, entry: dict) -> dict:
+        spent = self.spent_epsilon(entry["data_fingerprint"])
+        if entry["kind"] == "refusal":
+            if not math.isclose(entry["epsilon"], spent, rel_tol=1e-9, abs_tol=1e-12):
+                raise LedgerEntryError(
+                    f"A refusal releases nothing, so its epsilon must stay at the spent "
+                    f"{spent!r} for data {entry['data_fingerprint']} (got {entry['epsilon']!r}).")
+            return entry
+        if entry["epsilon"] < spent:
+            raise LedgerEntryError(
+                f"Ledger field epsilon is cumulative and cannot fall: data "
+                f"{entry['data_fingerprint']} has spent {spent!r} (got {entry['epsilon']!r}).")
+        if entry["epsilon"] > entry["epsilon_budget"]:
+            raise LedgerEntryError(
+                f"This release would bring epsilon to {entry['epsilon']!r}, above the budget "
+                f"{entry['epsilon_budget']!r}; do not release the update, record a refusal.")
+        return entry
+
+    def entries(self) -> list[dict]:
+        return copy.deepcopy(self._entries)
+
+    def spent_epsilon(self, data_fingerprint: str) -> float:
+        for entry in reversed(self._entries):
+            if entry["data_fingerprint"] == data_fingerprint:
+                return float(entry["epsilon"])
+        return 0.0
+
+    def history(self, data_fingerprint: str) -> list[tuple[float, float, int]]:
+        """(σ, q, steps) of every non-refusal entry on this data, oldest first."""
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                for e in self._entries
+                if e["data_fingerprint"] == data_fingerprint and e["kind"] != "refusal"]
+
+
+def _check_time(value: Any) -> str:
+    if value is None:
+        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.utcoffset() is None or parsed.utcoffset().total_seconds():
+        raise LedgerEntryError(f"Ledger field time must be an ISO-8601 UTC time such as "
+                               f"2025-01-31T12:00:00+00:00 (got {value!r}); or omit it.")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,209 @@
+"""`fedcare audit report`: one self-contained HTML page (plus JSON) from a verification.
+
+Everything shown comes from `verify.verify_path`; this module only lays it out. The
+page has no scripts, fonts or external references, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from common.privacy.verify import (
+    AUDIT_ORDERS, PLD_DISCRETIZATION, SiteResult, VerifyReport, verify_path,
+)
+
+WIDTH, HEIGHT = 640, 280
+LEFT, RIGHT, TOP, BOTTOM = 60, 20, 16, 44
+COLOURS = ("#1f5fa8", "#2a8a4a", "#8a4fa8", "#b8860b")
+
+
+def format_epsilon(value: float | None) -> str:
+    """How the report prints an ε: 4 decimals, '∞' when unbounded, '—' when unknown."""
+    if value is None:
+        return "—"
+    return "∞" if math.isinf(value) else f"{value:.4f}"
+
+
+def write_report(path: Path, out_html: Path, out_json: Path,
+                 trusted_keys: Path | None = None, tolerance: float = 1e-2) -> dict:
+    """Verify `path`, write the HTML page and its JSON twin, and return the JSON facts."""
+    data = report_data(verify_path(Path(path), trusted_keys, tolerance))
+    Path(out_json).write_text(json.dumps(data, indent=2, ensure_ascii=False,
+                                         allow_nan=False) + "\n", encoding="utf-8")
+    Path(out_html).write_text(render_html(data), encoding="utf-8")
+    return data
+
+
+def report_data(report: VerifyReport) -> dict:
+    return {
+        "path": report.path,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ok": report.ok,
+        "tolerance": report.tolerance,
+        "trusted_keys": report.trusted_keys,
+        "verifier": {"dp_accounting": version("dp-accounting"),
+                     "rdp_orders": f"{len(AUDIT_ORDERS)} orders from {AUDIT_ORDERS[0]:g} "
+                                   f"to {AUDIT_ORDERS[-1]:g}",
+                     "pld_discretization": PLD_DISCRETIZATION},
+        "sites": [_site_data(site) for site in report.sites],
+    }
+
+
+def _site_data(site: SiteResult) -> dict:
+    entries = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in dataclasses.asdict(e).items()} for e in site.entries]
+    budgets = sorted({e.epsilon_budget for e in site.entries if e.epsilon_budget is not None})
+    return {"site": site.site, "ledger": site.ledger, "status": site.status,
+            "keys_pinned": site.keys_pinned, "key_fingerprints": list(site.key_fingerprints),
+            "epsilon_budgets": budgets,
+            "problems": [{"seq": p.seq, "message": p.message} for p in site.problems],
+            "entries": entries}
+
+
+def render_html(data: dict) -> str:
+    e = html.escape
+    overall = "all ledgers verified" if data["ok"] else "PROBLEMS FOUND"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>fedcare privacy audit - {e(data['path'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Privacy audit: {e(overall)}</h1>",
+        f"<p>Source: <code>{e(data['path'])}</code>. Generated {e(data['generated'])}. "
+        f"Each claimed ε is re-derived with dp_accounting {e(data['verifier']['dp_accounting'])}"
+        f" (RDP over {e(data['verifier']['rdp_orders'])}; PLD with discretisation "
+        f"{data['verifier']['pld_discretization']:g}); a claim more than "
+        f"{data['tolerance']:.0%} below the re-derived value is a problem. Trusted keys: "
+        f"{e(data['trusted_keys'] or 'none given (keys unpinned)')}.</p>",
+    ]
+    for site in data["sites"]:
+        parts.append(_site_html(site))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _site_html(site: dict) -> str:
+    e = html.escape
+    status_class = "bad" if site["problems"] else ("warn" if not site["keys_pinned"] else "ok")
+    keys = ("pinned to the trusted key" if site["keys_pinned"]
+            else "unpinned (checked only against the key sent with the ledger)")
+    budgets = ", ".join(format_epsilon(b) for b in site["epsilon_budgets"]) or "—"
+    out = [f'<section><h2>Site {e(site["site"])} '
+           f'<span class="{status_class}">{e(site["status"])}</span></h2>',
+           f"<p>Ledger <code>{e(site['ledger'])}</code>; keys {keys}; "
+           f"budget ε = {e(budgets)}.</p>",
+           "<p>Key fingerprints: " + ", ".join(f"<code>{e(f)}</code>"
+                                               for f in site["key_fingerprints"]) + "</p>"]
+    if site["problems"]:
+        out.append("<ul class='problems'>" + "".join(
+            f"<li>{e(p['message'])}</li>" for p in site["problems"]) + "</ul>")
+    else:
+        out.append("<p>No problems found.</p>")
+    out.append(_svg(site))
+    out.append("<table><tr><th>seq</th><th>round</th><th>kind</th><th>σ</th><th>q</th>"
+               "<th>steps</th><th>C</th><th>δ</th><th>ε claimed</th>"
+               "<th>ε re-derived (RDP)</th><th>ε (PLD)</th></tr>")
+    for r in site["entries"]:
+        cells = [r["seq"], r["round"], r["kind"], _g(r["noise_multiplier"]),
+                 _g(r["sample_rate"]), r["steps"], _g(r["max_grad_norm"]), _g(r["delta"]),
+                 _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"])]
+        row_class = " class='refusal'" if r["kind"] == "refusal" else ""
+        out.append(f"<tr{row_class}>" + "".join(
+            f"<td>{e('—' if c is None else str(c))}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    refusals = [r for r in site["entries"] if r["kind"] == "refusal"]
+    if refusals:
+        out.append("<h3>Refusals</h3><ul>" + "".join(
+            f"<li>Round {e(str(r['round']))}: {e(r['reason'] or 'no reason given')}</li>"
+            for r in refusals) + "</ul>")
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _svg(site: dict) -> str:
+    """Cumulative ε per round: a polyline per data fingerprint, budget dashed."""
+    rows = [r for r in site["entries"] if r["round"] is not None
+            and isinstance(r["epsilon_claimed"], (int, float))]
+    if not rows:
+        return "<p>No readable entries to plot.</p>"
+    rounds = [r["round"] for r in rows]
+    x_lo, x_hi = min(rounds), max(rounds)
+    if x_lo == x_hi:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    y_hi = max([r["epsilon_claimed"] for r in rows] + site["epsilon_budgets"]) * 1.1 or 1.0
+    px = lambda x: LEFT + (x - x_lo) / (x_hi - x_lo) * (WIDTH - LEFT - RIGHT)  # noqa: E731
+    py = lambda y: HEIGHT - BOTTOM - y / y_hi * (HEIGHT - TOP - BOTTOM)  # noqa: E731
+    out = [f'<svg width="{WIDTH}" height="{HEIGHT}" '
+           f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="cumulative epsilon per round">',
+           f'<line x1="{LEFT}" y1="{HEIGHT - BOTTOM}" x2="{WIDTH - RIGHT}" y2="{HEIGHT - BOTTOM}" '
+           'stroke="#333"/>',
+           f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{HEIGHT - BOTTOM}" stroke="#333"/>']
+    for t in _ticks(0.0, y_hi):
+        out.append(f'<line x1="{LEFT - 4}" y1="{py(t):.1f}" x2="{LEFT}" y2="{py(t):.1f}" '
+                   f'stroke="#333"/><text x="{LEFT - 6}" y="{py(t) + 4:.1f}" '
+                   f'text-anchor="end">{t:g}</text>')
+    for t in _ticks(x_lo, x_hi, integer=True):
+        out.append(f'<line x1="{px(t):.1f}" y1="{HEIGHT - BOTTOM}" x2="{px(t):.1f}" '
+                   f'y2="{HEIGHT - BOTTOM + 4}" stroke="#333"/><text x="{px(t):.1f}" '
+                   f'y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{t:g}</text>')
+    out.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" '
+               'text-anchor="middle">round</text><text x="14" y="{:.1f}" '
+               'transform="rotate(-90 14 {:.1f})" text-anchor="middle">cumulative ε</text>'
+               .format((TOP + HEIGHT - BOTTOM) / 2, (TOP + HEIGHT - BOTTOM) / 2))
+    for budget in site["epsilon_budgets"]:
+        out.append(f'<line x1="{LEFT}" y1="{py(budget):.1f}" x2="{WIDTH - RIGHT}" '
+                   f'y2="{py(budget):.1f}" stroke="#c0392b" stroke-dasharray="6 4"/>'
+                   f'<text x="{WIDTH - RIGHT}" y="{py(budget) - 4:.1f}" text-anchor="end" '
+                   f'fill="#c0392b">budget ε = {html.escape(format_epsilon(budget))}</text>')
+    fingerprints = list(dict.fromkeys(r["data_fingerprint"] for r in rows))
+    for i, fp in enumerate(fingerprints):
+        colour = COLOURS[i % len(COLOURS)]
+        series = [r for r in rows if r["data_fingerprint"] == fp]
+        points = " ".join(f"{px(r['round']):.1f},{py(r['epsilon_claimed']):.1f}" for r in series)
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for r in series:
+            x, y = px(r["round"]), py(r["epsilon_claimed"])
+            tip = html.escape(f"round {r['round']} ({r['kind']}): ε = "
+                              f"{format_epsilon(r['epsilon_claimed'])}, data {fp}")
+            if r["kind"] == "refusal":
+                out.append(f'<path d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}'
+                           f'M{x - 5:.1f},{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="#c0392b" '
+                           f'stroke-width="2"><title>refused: {tip}</title></path>')
+            else:
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}">'
+                           f'<title>{tip}</title></circle>')
+    out.append("</svg>")
+    legend = "; ".join(f'<span style="color:{COLOURS[i % len(COLOURS)]}">●</span> data '
+                       f"<code>{html.escape(fp)}</code>" for i, fp in enumerate(fingerprints))
+    return "\n".join(out) + f"<p class='legend'>{legend}; × refusal; dashed: budget.</p>"
+
+
+def _ticks(lo: float, hi: float, integer: bool = False) -> list[float]:
+    span = (hi - lo) or 1.0
+    raw = span / 5
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    if integer:
+        step = max(1, round(step))
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _g(value) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+def _eps(value) -> str:
+    return format_epsilon(math.inf if value == "inf" else value)
+
+
+_CSS = ("body{font-family:sans-serif;margin:2em;max-width:60em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
+        "padding:2px 8px;text-align:right}tr.refusal{background:#fbeaea}"
+        ".ok{color:#2a8a4a}.warn{color:#b8860b}.bad{color:#c0392b}"
+        "ul.problems li{color:#c0392b}svg text{font-size:11px}code{font-size:90%}")

@@ -1,0 +1,300 @@
+"""`fedcare audit verify`: check privacy ledgers without trusting the sites' software.
+
+Signatures, the hash chain, ε monotone and within budget, and every claimed ε
+re-derived from the recorded mechanism history with Google's dp_accounting (RDP and
+PLD) - deliberately independent of fedcare's own (Opacus) accounting code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
+
+from common.privacy.keys import (
+    KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
+)
+from common.privacy.ledger import chain_problems, parse_ledger_bytes
+
+# dp_accounting's default orders plus every 0.05 below 11: a superset of Opacus's
+# default alphas, so an honest Opacus RDP claim is never below our value.
+AUDIT_ORDERS = tuple(sorted(set(rdp_module.DEFAULT_RDP_ORDERS)
+                            | {1 + k / 20 for k in range(1, 200)}))
+# PLD is the tight reference; 1e-3 keeps a 50-round audit to seconds and, being a
+# pessimistic discretisation, still upper-bounds the true ε.
+PLD_DISCRETIZATION = 1e-3
+History = tuple[tuple[float, float, int], ...]
+
+
+class VerifyInputError(ValueError):
+    """The path given to the verifier holds no ledger, or a key directory is missing."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    site: str
+    seq: int | None  # None when the problem is not one entry's (a bad line, the keys)
+    message: str
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    seq: int | None
+    round: int | None
+    kind: str
+    data_fingerprint: str
+    noise_multiplier: float | None
+    sample_rate: float | None
+    steps: int | None
+    max_grad_norm: float | None
+    delta: float | None
+    epsilon_claimed: float | None
+    epsilon_budget: float | None
+    epsilon_rdp: float | None  # re-derived; None when the entry could not be read
+    epsilon_pld: float | None
+    reason: str | None
+    time: str | None
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    site: str
+    ledger: str
+    keys_pinned: bool
+    key_fingerprints: tuple[str, ...]
+    entries: tuple[EntryResult, ...]
+    problems: tuple[Problem, ...]
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return "problems"
+        return "verified" if self.keys_pinned else "verified (keys unpinned)"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    tolerance: float
+    trusted_keys: str | None
+    sites: tuple[SiteResult, ...]
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        return tuple(p for site in self.sites for p in site.problems)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@lru_cache(maxsize=256)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    # The function RdpAccountant itself applies to PoissonSampled(Gaussian) events;
+    # cached per (σ, q) because RDP composes by addition (pinned dp-accounting 0.6.0).
+    return rdp_module._compute_rdp_poisson_subsampled_gaussian(q, sigma, AUDIT_ORDERS)
+
+
+def rdp_epsilon(history: History, delta: float) -> float:
+    """ε(δ) of the Poisson-subsampled Gaussian steps in `history`, by RDP."""
+    if not history:
+        return 0.0
+    total = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in history)
+    return float(rdp_module.compute_epsilon(AUDIT_ORDERS, total, delta)[0])
+
+
+@lru_cache(maxsize=256)
+def _pld_step(sigma: float, q: float) -> pld_lib.PrivacyLossDistribution:
+    # Exactly what PLDAccountant builds for PoissonSampled(q, Gaussian(σ)); PLD objects
+    # are immutable (compose returns a new one), so cached ones are safe to share.
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=sigma, sampling_prob=q,
+        value_discretization_interval=PLD_DISCRETIZATION)
+
+
+@lru_cache(maxsize=1024)
+def _pld_after(history: History) -> pld_lib.PrivacyLossDistribution:
+    if not history:
+        return pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+    sigma, q, steps = history[-1]
+    return _pld_after(history[:-1]).compose(_pld_step(sigma, q).self_compose(steps))
+
+
+def pld_epsilon(history: History, delta: float) -> float:
+    """ε(δ) of the same history by privacy loss distributions (tighter than RDP)."""
+    return float(_pld_after(history).get_epsilon_for_delta(delta)) if history else 0.0
+
+
+def verify_path(path: Path, trusted_keys: Path | None = None,
+                tolerance: float = 1e-2) -> VerifyReport:
+    """Verify one ledger file, or every `ledgers/<site>.jsonl` of a run directory."""
+    path = Path(path)
+    if trusted_keys is not None and not Path(trusted_keys).is_dir():
+        raise VerifyInputError(f"Trusted key directory {trusted_keys} does not exist; pass "
+                               "the folder holding <site>.pub.pem for every site.")
+    if path.is_file():
+        ledgers, run_dir = [path], False
+    elif path.is_dir():
+        folder = path / "ledgers" if (path / "ledgers").is_dir() else path
+        ledgers, run_dir = sorted(folder.glob("*.jsonl")), True
+    else:
+        raise VerifyInputError(f"{path} does not exist; pass a ledger file or a run directory.")
+    if not ledgers:
+        raise VerifyInputError(f"No ledgers found in {path}: expected "
+                               f"{path}/ledgers/<site>.jsonl beside <site>.pub.pem.")
+    sites = tuple(_verify_ledger(ledger, trusted_keys, tolerance, run_dir)
+                  for ledger in ledgers)
+    return VerifyReport(str(path), tolerance, None if trusted_keys is None
+                        else str(trusted_keys), sites)
+
+
+def _verify_ledger(ledger: Path, trusted_keys: Path | None, tolerance: float,
+                   run_dir: bool) -> SiteResult:
+    good, bad = parse_ledger_bytes(ledger.read_bytes())
+    entries = [entry for _, entry in good]
+    names = {e.get("site") for e in entries if isinstance(e.get("site"), str)}
+    site = sorted(names)[0] if len(names) == 1 else ledger.stem
+    problems = [Problem(site, None, f"{ledger.name}: {message}") for _, message in bad]
+    if len(names) > 1:
+        problems.append(Problem(site, None, f"The ledger names several sites {sorted(names)}; "
+                                            "one ledger must hold one site's entries."))
+    elif run_dir and names and site != ledger.stem:
+        problems.append(Problem(site, None, f"Ledger file {ledger.name} holds entries of "
+                                            f"site {site!r}; the file name must match."))
+    problems += [Problem(site, _seq(entries[pos], pos), message)
+                 for pos, message in chain_problems(entries, [n for n, _ in good])]
+    pinned, key_problems = _check_signatures(site, ledger, entries, trusted_keys)
+    rows, account_problems = _check_accounting(site, entries, tolerance)
+    fingerprints = tuple(sorted({str(e.get("key_fingerprint")) for e in entries}))
+    return SiteResult(site, str(ledger), pinned, fingerprints, tuple(rows),
+                      tuple(problems + key_problems + account_problems))
+
+
+def _check_signatures(site: str, ledger: Path, entries: list[dict],
+                      trusted_keys: Path | None) -> tuple[bool, list[Problem]]:
+    problems: list[Problem] = []
+    beside = ledger.with_suffix(".pub.pem")
+    key, pinned = None, False
+    try:
+        if trusted_keys is not None:
+            trusted = Path(trusted_keys) / f"{site}.pub.pem"
+            if not trusted.exists():
+                raise KeyFileError(f"No trusted key for site {site!r}: expected {trusted}, "
+                                   "so its signatures cannot be checked against a pinned key.")
+            key, pinned = load_public_key(trusted), True
+            if beside.exists() and public_key_fingerprint(load_public_key(beside)) != \
+                    public_key_fingerprint(key):
+                problems.append(Problem(site, None, f"The public key sent beside the ledger "
+                                                    f"({beside.name}) is not the site's "
+                                                    "trusted key."))
+        elif beside.exists():
+            key = load_public_key(beside)
+        else:
+            raise KeyFileError(f"No public key beside the ledger (expected {beside}), so no "
+                               "signature can be checked; pass --trusted-keys.")
+    except KeyFileError as exc:
+        problems.append(Problem(site, None, str(exc)))
+    used = sorted({str(e.get("key_fingerprint")) for e in entries})
+    if not pinned and len(used) > 1:
+        problems.append(Problem(site, None, f"The ledger is signed with {len(used)} different "
+                                            f"keys ({', '.join(used)}): the site key changed "
+                                            "mid-ledger or entries were re-signed by another key."))
+    if key is None:
+        return pinned, problems
+    expected = public_key_fingerprint(key)
+    for pos, entry in enumerate(entries):
+        seq = _seq(entry, pos)
+        if entry.get("key_fingerprint") != expected:
+            problems.append(Problem(site, seq, f"Entry seq {seq} is signed by key "
+                                               f"{entry.get('key_fingerprint')}, not the site's "
+                                               f"{'trusted' if pinned else ''} key {expected}."))
+        elif not signature_valid(key, str(entry.get("hash")), str(entry.get("signature"))):
+            problems.append(Problem(site, seq, f"The signature of entry seq {seq} does not "
+                                               f"verify with key {expected}: the entry was "
+                                               "altered or signed by another key."))
+    return pinned, problems
+
+
+def _check_accounting(site: str, entries: list[dict],
+                      tolerance: float) -> tuple[list[EntryResult], list[Problem]]:
+    rows: list[EntryResult] = []
+    problems: list[Problem] = []
+    histories: dict[str, list[tuple[float, float, int]]] = {}
+    last: dict[str, tuple[float, float]] = {}  # fingerprint -> (claimed ε, δ)
+    for pos, entry in enumerate(entries):
+        seq, kind = _seq(entry, pos), str(entry.get("kind"))
+        data = str(entry.get("data_fingerprint"))
+        sigma, q = _num(entry, "noise_multiplier"), _num(entry, "sample_rate")
+        steps, claim = _num(entry, "steps", int), _num(entry, "epsilon")
+        delta, budget = _num(entry, "delta"), _num(entry, "epsilon_budget")
+        say = lambda message: problems.append(Problem(site, seq, message))  # noqa: E731
+        rdp = pld = None
+        if None in (sigma, q, steps, claim, delta, budget) or not 0 < delta < 1:
+            say(f"Entry seq {seq} lacks a valid noise_multiplier, sample_rate, steps, "
+                "epsilon, delta or epsilon_budget, so its ε cannot be re-derived.")
+        else:
+            history = histories.setdefault(data, [])
+            mechanism = entry.get("mechanism") if isinstance(entry.get("mechanism"), dict) else {}
+            if (mechanism.get("noise", "gaussian"), mechanism.get("sampling", "poisson")) \
+                    != ("gaussian", "poisson"):
+                say(f"Entry seq {seq} records mechanism {mechanism}; the verifier re-derives "
+                    "only Poisson-sampled Gaussian noise, so this ε is unchecked.")
+            if kind == "refusal":
+                if (sigma, q, steps) != (0, 0, 0):
+                    say(f"Refusal seq {seq} records a release (σ={sigma}, q={q}, steps={steps}); "
+                        "a refusal must release nothing.")
+                if data in last and not math.isclose(claim, last[data][0], rel_tol=1e-9):
+                    say(f"Refusal seq {seq} changes ε from {last[data][0]:.4f} to {claim:.4f}; a "
+                        "refusal releases nothing, so ε must stay unchanged.")
+            elif sigma > 0 and 0 < q <= 1 and steps > 0:
+                history.append((sigma, q, steps))
+            else:
+                history.append((0.0, 1.0, max(steps, 1)))  # unbounded: no privacy
+                say(f"Entry seq {seq} records a non-private release (σ={sigma}, q={q}, "
+                    f"steps={steps}); its ε is unbounded.")
+            if data in last and delta != last[data][1]:
+                say(f"Entry seq {seq} switches δ from {last[data][1]:g} to {delta:g} on the same "
+                    "data, so its ε values cannot be compared; keep one δ per data.")
+            if data in last and claim < last[data][0]:
+                say(f"Entry seq {seq} claims ε={claim:.4f}, below the {last[data][0]:.4f} "
+                    "claimed before on the same data; ε is cumulative and cannot fall.")
+            if claim > budget:
+                say(f"Entry seq {seq} claims ε={claim:.4f}, above its budget {budget:.4f}: "
+                    "the site released beyond its privacy budget.")
+            if all(s > 0 for s, _, _ in history):
+                rdp, pld = rdp_epsilon(tuple(history), delta), pld_epsilon(tuple(history), delta)
+            else:
+                rdp = pld = math.inf
+            accountant = str(entry.get("accountant", "")).lower()
+            reference = pld if ("prv" in accountant or "pld" in accountant) else rdp
+            if claim < reference * (1 - tolerance):
+                over = " and above the budget" if rdp > budget else ""
+                say(f"Entry seq {seq} claims ε={claim:.4f}, but its {len(history)} recorded "
+                    f"release(s) on this data re-derive to ε={rdp:.4f} (RDP) and "
+                    f"ε={pld:.4f} (PLD) at δ={delta:g}: the claim is too low{over}.")
+            last[data] = (claim, delta)
+        rows.append(EntryResult(
+            seq, _num(entry, "round", int), kind, data, sigma, q, steps,
+            _num(entry, "max_grad_norm"), delta, claim, budget, rdp, pld,
+            entry.get("reason") if isinstance(entry.get("reason"), str) else None,
+            entry.get("time") if isinstance(entry.get("time"), str) else None))
+    return rows, problems
+
+
+def _seq(entry: dict, pos: int) -> int:
+    seq = entry.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else pos
+
+
+def _num(entry: dict, name: str, cast: type = float):
+    value = entry.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if cast is int and value != int(value):
+        return None
+    return cast(value)

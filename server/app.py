@@ -1,0 +1,98 @@
+"""ServerApp main: config -> strategy -> workflow -> run directory.
+
+One path for every mode: Flower's legacy `DefaultWorkflow` with a FedAvg wrapped by
+`SiteAwareStrategy`. Secure aggregation swaps only the fit workflow.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+from common.config import Config, from_run_config
+from common.data import held_out
+from common.evaluation import encode, evaluate
+from common.keys import Keys
+from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
+                          save_adapter, set_adapter_arrays)
+from server.run_log import RunRecorder
+from server.strategy import SiteAwareStrategy, weighted_mean
+
+
+def run_dir_for(cfg: Config, run_id: int | str) -> Path:
+    name = cfg.simulation.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{run_id}"
+    return Path(cfg.simulation.output_dir).resolve() / name
+
+
+def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict:
+    recorder = RunRecorder(run_dir, cfg)
+    run_id = run_dir.name
+    _, test = held_out(cfg.data)
+    device = pick_device(cfg.train.device)
+    model = build_model(cfg.model.base_model, len(test.label_names), cfg.lora).to(device)
+    tokenizer = load_tokenizer(cfg.model.base_model)
+    initial = get_adapter_arrays(model)
+    test_data = encode(test, tokenizer, cfg.model.max_length)
+    fed = cfg.federation
+    final: dict = {}
+
+    def evaluate_test(server_round, arrays, _config):
+        due = server_round == fed.num_rounds or (
+            fed.evaluate_test_every and server_round % fed.evaluate_test_every == 0)
+        if server_round == 0 or not due:
+            return None
+        set_adapter_arrays(model, arrays)
+        metrics = evaluate(model, test_data, len(test.label_names), device)
+        recorder.record("test", server_round, [{Keys.SITE: "global", **metrics}])
+        final.update(metrics)
+        return metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
+
+    def round_config(server_round: int) -> dict:
+        return {Keys.ROUND: server_round, Keys.NUM_ROUNDS: fed.num_rounds, Keys.RUN_ID: run_id}
+
+    inner = FedAvg(
+        fraction_fit=fed.fraction_train, fraction_evaluate=1.0,
+        min_fit_clients=fed.min_sites, min_evaluate_clients=fed.min_sites,
+        min_available_clients=fed.min_sites,
+        initial_parameters=ndarrays_to_parameters(initial),
+        on_fit_config_fn=round_config, on_evaluate_config_fn=round_config,
+        evaluate_fn=evaluate_test,
+        fit_metrics_aggregation_fn=weighted_mean,
+        evaluate_metrics_aggregation_fn=weighted_mean,
+    )
+    strategy = SiteAwareStrategy(inner, [a.shape for a in initial], recorder.record)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
+                           strategy=strategy)
+    DefaultWorkflow()(grid, legacy)
+
+    set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
+    save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model)
+    summary = recorder.summary(final)
+    recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
+                 f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
+    return summary
+
+
+def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerApp:
+    """`cfg` given: in-process simulation; None: read Flower's run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = cfg if cfg is not None else from_run_config(context.run_config)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        run_server(grid, context, config, run_dir or run_dir_for(config, context.run_id))
+
+    return app
+
+
+app = build_app()

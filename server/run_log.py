@@ -1,0 +1,113 @@
+"""The run directory: resolved config, per-round per-site metrics, progress, summary.
+
+    RUN/config.yaml      the resolved configuration (every default written out)
+    RUN/metrics.jsonl    one line per (round, phase, site): train, evaluate, test
+    RUN/adapter/         the final global adapter in PEFT format
+    RUN/summary.json     final test metrics, ε per site, wall time, bytes per round
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from common.config import Config, dump_yaml
+from common.keys import Keys
+
+
+def privacy_label(cfg: Config) -> str:
+    p = cfg.privacy
+    if not p.enabled:
+        return "NON-PRIVATE (no differential privacy)"
+    return f"private: DP-SGD, target ε={p.target_epsilon:g}, δ={p.delta:g} per site"
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, cfg: Config, out=sys.stdout) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.out = cfg, out
+        self.start = time.perf_counter()
+        self.rows: list[dict] = []
+        (self.dir / "config.yaml").write_text(dump_yaml(cfg))
+        self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.say(f"fedcare run {self.dir} — {privacy_label(cfg)}")
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def record(self, phase: str, round_no: int, rows: list[dict]) -> None:
+        stamp = round(time.perf_counter() - self.start, 2)
+        for row in rows:
+            row = {"round": round_no, "phase": phase, "wall_seconds": stamp,
+                   "private": self.cfg.privacy.enabled,
+                   **{k: _clean(v) for k, v in row.items() if not isinstance(v, bytes)}}
+            self.rows.append(row)
+            self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+        self._metrics.flush()
+        if phase == "evaluate":
+            self.say(self.progress_line(round_no))
+
+    def _phase(self, phase: str, round_no: int) -> list[dict]:
+        return [r for r in self.rows if r["phase"] == phase and r["round"] == round_no]
+
+    def progress_line(self, round_no: int) -> str:
+        train = [r for r in self._phase("train", round_no) if r.get("status") == "accepted"]
+        val = self._phase("evaluate", round_no)
+        loss = _weighted(train, Keys.TRAIN_LOSS)
+        f1 = _weighted(val, "macro_f1")
+        parts = [f"round {round_no}/{self.cfg.federation.num_rounds}",
+                 f"{time.perf_counter() - self.start:6.1f}s",
+                 f"train loss {loss:.3f}", f"val macro-F1 {f1:.3f}"]
+        if self.cfg.privacy.enabled:
+            eps = " ".join(f"{r[Keys.SITE]}={r[Keys.EPSILON]:.2f}"
+                           for r in sorted(self._phase("train", round_no),
+                                           key=lambda r: r[Keys.SITE])
+                           if r.get(Keys.EPSILON) is not None)
+            parts.append(f"ε {eps}")
+        else:
+            parts.append("NON-PRIVATE")
+        refused = [r[Keys.SITE] for r in self._phase("train", round_no)
+                   if r.get("status") != "accepted"]
+        if refused:
+            parts.append(f"no update from {', '.join(refused)}")
+        return " | ".join(parts)
+
+    def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
+        sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"})
+        epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r["phase"] == "train"
+                           and r[Keys.SITE] == s and r.get(Keys.EPSILON) is not None),
+                          default=None) for s in sites}
+        bytes_sent = {s: {str(r["round"]): r.get(Keys.BYTES_SENT, 0) for r in self.rows
+                          if r["phase"] == "train" and r[Keys.SITE] == s} for s in sites}
+        out = {
+            "privacy": privacy_label(self.cfg),
+            "private": self.cfg.privacy.enabled,
+            "rounds": self.cfg.federation.num_rounds,
+            "sites": sites,
+            "test": {k: _clean(v) for k, v in (test_metrics or {}).items()},
+            "epsilon_per_site": epsilon if self.cfg.privacy.enabled else None,
+            "delta": self.cfg.privacy.delta if self.cfg.privacy.enabled else None,
+            "bytes_sent_per_site_per_round": bytes_sent,
+            "wall_seconds": round(time.perf_counter() - self.start, 2),
+            **(extra or {}),
+        }
+        (self.dir / "summary.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+        self._metrics.close()
+        return out
+
+
+def _weighted(rows: list[dict], key: str) -> float:
+    pairs = [(r.get("num_examples", 1), r[key]) for r in rows if r.get(key) is not None]
+    total = sum(n for n, _ in pairs)
+    return sum(n * v for n, v in pairs) / total if total else math.nan

@@ -1,0 +1,117 @@
+"""Aggregation of adapter updates: Flower's FedAvg, wrapped.
+
+`SiteAwareStrategy` wraps any `flwr.server.strategy.Strategy` and adds what a
+hospital federation needs around it: an update is checked before it can touch the
+average (shape, finite values, plausible example count) and rejected whole if bad;
+refusals are kept out of the average but recorded; every site's metrics reach the
+run's recorder. It works the same under SecAgg+, where the inner strategy only
+ever receives the secure sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar,
+                         parameters_to_ndarrays)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from common.keys import Keys
+
+log = logging.getLogger("fedcare.server")
+
+SiteRows = Callable[[str, int, list[dict]], None]  # (phase, round, rows)
+
+
+class SiteAwareStrategy(Strategy):
+    def __init__(self, inner: Strategy, shapes: Sequence[tuple[int, ...]],
+                 record: SiteRows, max_examples: int = 10_000_000) -> None:
+        if not shapes:
+            raise ValueError("shapes must list the adapter tensors (got none); "
+                             "without them no update can be checked")
+        self.inner = inner
+        self.shapes = [tuple(s) for s in shapes]
+        self.record = record
+        self.max_examples = max_examples
+
+    def __repr__(self) -> str:
+        return f"SiteAwareStrategy({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return self.inner.evaluate(server_round, parameters)
+
+    def check_update(self, res: FitRes) -> str:
+        """'' if the update may be averaged, else why not."""
+        if not 0 < res.num_examples <= self.max_examples:
+            return f"num_examples {res.num_examples} outside (0, {self.max_examples}]"
+        arrays = parameters_to_ndarrays(res.parameters)
+        if len(arrays) != len(self.shapes):
+            return f"{len(arrays)} tensors, expected {len(self.shapes)}"
+        for i, (a, shape) in enumerate(zip(arrays, self.shapes)):
+            if a.shape != shape:
+                return f"tensor {i} has shape {a.shape}, expected {shape}"
+            if not np.isfinite(a).all():
+                return f"tensor {i} has NaN or infinite values"
+        return ""
+
+    def aggregate_fit(self, server_round: int,
+                      results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        accepted, rows = [], []
+        for proxy, res in results:
+            row = dict(res.metrics)
+            row[Keys.SITE] = str(row.get(Keys.SITE, proxy.cid))
+            row["num_examples"] = res.num_examples
+            if row.get(Keys.REFUSED):
+                row["status"] = "refused"
+            else:
+                problem = self.check_update(res)
+                row["status"] = f"rejected: {problem}" if problem else "accepted"
+                if problem:
+                    log.warning("round %s: update of %s rejected: %s",
+                                server_round, row[Keys.SITE], problem)
+                else:
+                    accepted.append((proxy, res))
+            rows.append(row)
+        rows += [{Keys.SITE: "?", "status": f"failed: {f!r}"[:300]} for f in failures]
+        self.record("train", server_round, rows)
+        if not accepted:
+            log.warning("round %s: no update to aggregate; the global adapter is unchanged",
+                        server_round)
+            return None, {}
+        return self.inner.aggregate_fit(server_round, accepted, [])
+
+    def aggregate_evaluate(self, server_round: int,
+                           results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list) -> tuple[float | None, dict[str, Scalar]]:
+        rows = []
+        for proxy, res in results:
+            row = {**res.metrics, "loss": res.loss, "num_examples": res.num_examples}
+            row[Keys.SITE] = str(row.get(Keys.SITE, proxy.cid))
+            rows.append(row)
+        self.record("evaluate", server_round, rows)
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+
+def weighted_mean(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of every numeric metric the sites report."""
+    total = sum(n for n, _ in metrics)
+    keys = {k for _, m in metrics for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total)
+            for k in sorted(keys)} if total else {}

@@ -1,0 +1,278 @@
+"""The auditor's verifier: every kind of tampering is found, and ε is re-derived independently.
+
+Reference: Opacus's RDP accountant gives ε = 7.32911117143 for σ=1.5, q=0.04, 2250 steps,
+δ=1e-5 on its default alphas. The verifier's RDP uses dp_accounting's default orders plus
+every 0.05 from 1.05 to 10.95 (`AUDIT_ORDERS`, a superset of Opacus's alphas), so it must
+land just at or below that value; PLD is tighter still.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from common.privacy.audit_cli import main, register
+from common.privacy.keys import load_or_create_site_key, public_key_pem
+from common.privacy.ledger import GENESIS_HASH, canonical_json, read_entries, seal_entry
+from common.privacy.verify import (
+    AUDIT_ORDERS, PLD_DISCRETIZATION, pld_epsilon, rdp_epsilon, verify_path,
+)
+from tests.test_ledger import ROUNDS, build_ledger
+
+OPACUS_REFERENCE = 7.32911117143
+SITES = ("hospital_a", "hospital_b")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(tmp_path: Path) -> tuple[Path, dict]:
+    """A run directory with ledgers/<site>.jsonl and the <site>.pub.pem each site sent."""
+    run, keys = tmp_path / "run", {}
+    (run / "ledgers").mkdir(parents=True)
+    (tmp_path / "trusted").mkdir()
+    for site in SITES:
+        keys[site] = load_or_create_site_key(tmp_path / "keys" / site)
+        build_ledger(run / "ledgers" / f"{site}.jsonl", keys[site], site=site)
+        pem = public_key_pem(keys[site].public_key())
+        (run / "ledgers" / f"{site}.pub.pem").write_text(pem)
+        (tmp_path / "trusted" / f"{site}.pub.pem").write_text(pem)
+    return run, keys
+
+
+def write(path: Path, entries: list[dict]) -> None:
+    path.write_text("".join(canonical_json(e) + "\n" for e in entries))
+
+
+def reseal(entries: list[dict], key, start: int = 0) -> list[dict]:
+    """What a forger holding `key` does: re-hash and re-sign from `start` on."""
+    out = entries[:start]
+    for entry in entries[start:]:
+        body = {k: v for k, v in entry.items()
+                if k not in ("seq", "prev_hash", "key_fingerprint", "hash", "signature")}
+        prev = out[-1]["hash"] if out else GENESIS_HASH
+        out.append(seal_entry(body, seq=len(out), prev_hash=prev, key=key))
+    return out
+
+
+def messages(report) -> str:
+    return "\n".join(p.message for p in report.problems)
+
+
+@pytest.fixture
+def run(tmp_path):
+    return make_run(tmp_path)
+
+
+def test_clean_run_verifies_and_says_when_keys_are_unpinned(tmp_path, run):
+    run_dir, _ = run
+    report = verify_path(run_dir)
+    assert report.ok, messages(report)
+    assert [s.status for s in report.sites] == ["verified (keys unpinned)"] * 2
+    pinned = verify_path(run_dir, trusted_keys=tmp_path / "trusted")
+    assert pinned.ok and [s.status for s in pinned.sites] == ["verified"] * 2
+    for row in pinned.sites[0].entries:
+        assert row.epsilon_pld <= row.epsilon_rdp <= row.epsilon_claimed * 1.0001
+    assert [r.kind for r in pinned.sites[0].entries].count("refusal") == 1
+
+
+@pytest.mark.parametrize("line", [0, 2, -1])
+@pytest.mark.parametrize("where", [0, 0.1, 0.3, 0.5, 0.7, 0.9, "last", "newline"])
+def test_flipping_any_byte_is_detected(run, line, where):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    target = bytearray(lines[line])
+    body = len(target) - 1
+    named = {"last": body - 1, "newline": body}
+    pos = named[where] if isinstance(where, str) else int(body * where)
+    target[pos] ^= 0x01
+    lines[line] = bytes(target)
+    path.write_bytes(b"".join(lines))
+    report = verify_path(run_dir)
+    assert not report.ok
+    assert {p.site for p in report.problems} == {"hospital_a"}
+
+
+def test_deleted_entry_is_detected(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    write(path, [e for e in read_entries(path) if e["seq"] != 2])
+    assert "deleted, inserted or moved" in messages(verify_path(run_dir))
+
+
+def test_reordered_entries_are_detected(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = read_entries(path)
+    entries[1], entries[2] = entries[2], entries[1]
+    write(path, entries)
+    text = messages(verify_path(run_dir))
+    assert "does not link" in text and "deleted, inserted or moved" in text
+
+
+def test_inserted_copy_of_an_entry_is_detected(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = read_entries(path)
+    write(path, entries[:2] + [entries[1]] + entries[2:])
+    assert "deleted, inserted or moved" in messages(verify_path(run_dir))
+
+
+def test_entry_resigned_by_another_key(tmp_path, run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    forger = load_or_create_site_key(tmp_path / "forger")
+    write(path, reseal(read_entries(path), forger, start=3))
+    pinned = verify_path(run_dir, trusted_keys=tmp_path / "trusted")
+    assert "not the site's trusted key" in messages(pinned)
+    unpinned = verify_path(run_dir)
+    assert "signed with 2 different keys" in messages(unpinned)
+    # The forger also swaps the key sent beside the ledger: still a key change.
+    (run_dir / "ledgers" / "hospital_a.pub.pem").write_text(public_key_pem(forger.public_key()))
+    assert "signed with 2 different keys" in messages(verify_path(run_dir))
+
+
+def test_whole_ledger_resigned_needs_pinned_keys(tmp_path, run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    forger = load_or_create_site_key(tmp_path / "forger")
+    write(path, reseal(read_entries(path), forger))
+    (run_dir / "ledgers" / "hospital_a.pub.pem").write_text(public_key_pem(forger.public_key()))
+    unpinned = verify_path(run_dir)
+    assert unpinned.ok and unpinned.sites[0].status == "verified (keys unpinned)"
+    pinned = verify_path(run_dir, trusted_keys=tmp_path / "trusted")
+    assert "not the site's trusted key" in messages(pinned)
+    assert "beside the ledger" in messages(pinned)
+
+
+def test_lying_site_with_valid_signatures_is_caught_by_rederivation(tmp_path, run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = [{**e, "epsilon": e["epsilon"] * 0.8} for e in read_entries(path)]
+    write(path, reseal(entries, keys["hospital_a"]))
+    report = verify_path(run_dir, trusted_keys=tmp_path / "trusted")
+    problems = report.sites[0].problems
+    assert [p.seq for p in problems] == list(range(len(entries)))  # refusal included
+    assert all("re-derive to" in p.message and "too low" in p.message for p in problems)
+    assert report.sites[1].problems == ()
+
+
+def test_small_numeric_differences_stay_within_tolerance(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = [{**e, "epsilon": e["epsilon"] * 0.995} for e in read_entries(path)]
+    write(path, reseal(entries, keys["hospital_a"]))
+    assert verify_path(run_dir, tolerance=1e-2).ok
+    assert not verify_path(run_dir, tolerance=1e-3).ok
+
+
+def test_claim_above_budget_is_a_problem(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = read_entries(path)
+    entries[-1] = {**entries[-1], "epsilon_budget": entries[-1]["epsilon"] / 2}
+    write(path, reseal(entries, keys["hospital_a"]))
+    report = verify_path(run_dir)
+    assert [p.seq for p in report.problems] == [len(entries) - 1]
+    assert "above its budget" in report.problems[0].message
+
+
+def test_refusal_that_releases_or_moves_epsilon_is_a_problem(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = read_entries(path)
+    refusal = ROUNDS.index(None)
+    entries[refusal] = {**entries[refusal], "steps": 5, "epsilon": entries[refusal]["epsilon"] + 1}
+    write(path, reseal(entries, keys["hospital_a"]))
+    text = messages(verify_path(run_dir))
+    assert "a refusal must release nothing" in text and "must stay unchanged" in text
+
+
+def test_truncated_final_line_is_a_problem(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_b.jsonl"
+    path.write_bytes(path.read_bytes()[:-25])
+    report = verify_path(run_dir)
+    assert [p.site for p in report.problems] == ["hospital_b"]
+    assert "Line 5 is incomplete" in report.problems[0].message
+
+
+def test_rdp_reproduces_opacus_reference_and_pld_is_lower():
+    history = ((1.5, 0.04, 2250),)
+    rdp = rdp_epsilon(history, 1e-5)
+    assert rdp == pytest.approx(OPACUS_REFERENCE, abs=5e-3)
+    assert rdp <= OPACUS_REFERENCE
+    assert 6.0 < pld_epsilon(history, 1e-5) < rdp
+
+
+def test_cached_paths_equal_dp_accounting_public_accountants():
+    """The verifier caches per (σ, q) for speed; its numbers must be the accountants'."""
+    history = ((1.0, 0.05, 20), (1.1, 0.05, 30), (1.0, 0.04, 50))
+    rdp = RdpAccountant(AUDIT_ORDERS)
+    pld = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for sigma, q, steps in history:
+        event = dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        rdp.compose(event)
+        pld.compose(event)
+    assert rdp_epsilon(history, 1e-5) == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-12)
+    assert pld_epsilon(history, 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.2, 2.0])
+@pytest.mark.parametrize("q", [0.01, 0.05])
+@pytest.mark.parametrize("steps", [100, 1000])
+def test_pld_never_exceeds_rdp(sigma, q, steps):
+    history = ((sigma, q, steps),)
+    assert 0 < pld_epsilon(history, 1e-5) <= rdp_epsilon(history, 1e-5)
+
+
+def test_cli_exit_codes(tmp_path, run, capsys):
+    run_dir, _ = run
+    assert main(["verify", str(run_dir)]) == 0
+    assert "KEYS UNPINNED" in capsys.readouterr().out
+    assert main(["verify", str(run_dir), "--trusted-keys", str(tmp_path / "trusted")]) == 0
+    out = capsys.readouterr().out
+    assert "UNPINNED" not in out and out.count(": verified,") == 2
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    path.write_text(path.read_text().replace('"steps":30', '"steps":3'))
+    assert main(["verify", str(run_dir)]) == 1
+    assert "PROBLEM [hospital_a seq 1]" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_cli_runs_as_module_and_under_a_parent_parser(run):
+    import argparse
+    run_dir, _ = run
+    ledger = run_dir / "ledgers" / "hospital_b.jsonl"
+    done = subprocess.run([sys.executable, "-m", "common.privacy.audit_cli", "verify", str(ledger)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "hospital_b: verified (keys unpinned)" in done.stdout
+    parser = argparse.ArgumentParser(prog="fedcare")
+    register(parser.add_subparsers(dest="command"))
+    shutil.copy(ledger, run_dir / "copy.jsonl")  # no key beside it: cannot be verified
+    args = parser.parse_args(["audit", "verify", str(run_dir / "copy.jsonl")])
+    assert args.func(args) == 1
+
+
+def test_claims_are_held_to_the_accountant_they_name(run):
+    """A PLD/PRV claim may sit below RDP but not below PLD; an RDP claim may not."""
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = read_entries(path)
+    history, tight = [], []
+    for entry in entries:
+        if entry["kind"] != "refusal":
+            history.append((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        tight.append({**entry, "epsilon": pld_epsilon(tuple(history), entry["delta"]) * 1.001})
+    write(path, reseal([{**e, "accountant": "opacus-prv"} for e in tight], keys["hospital_a"]))
+    assert verify_path(run_dir).ok
+    write(path, reseal(tight, keys["hospital_a"]))  # same numbers, labelled opacus-rdp
+    assert "too low" in messages(verify_path(run_dir))
