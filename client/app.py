@@ -48,7 +48,7 @@ def build_app(cfg: Config | None = None) -> ClientApp:
     def client_fn(context: Context):
         config = cfg if cfg is not None else from_run_config(context.run_config)
         site = site_from_context(config, context)
-        return SiteClient(SiteTrainer(config, site, context.state)).to_client()
+        return SiteClient(SiteTrainer(config, site)).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 

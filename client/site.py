@@ -1,8 +1,9 @@
-"""One hospital site: its data, its privacy state, and what it does in a round.
+"""One hospital site: its data, its policy, and what it does in a round.
 
 The model and tokenizer are built once per process (Ray actors and SuperNodes
-serve many rounds); the privacy history lives in the site's Flower
-`Context.state`, so it carries from round to round whichever process serves it.
+serve many rounds). The privacy history lives in the site's ledger on disk, keyed
+by its data fingerprint, so it carries from round to round and run to run,
+whichever process serves the site.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
-from client.training import PrivateStep, train_plain, train_private
-from common.config import Config, PrivacyConfig
+from client.budget import Policy, SiteGuard
+from client.training import train_plain, train_private
+from common.config import Config
 from common.data import SiteData, federated_data
 from common.evaluation import Encoded, encode, evaluate
 from common.keys import Keys
@@ -37,7 +40,8 @@ class Site:
     name: str
     data: SiteData
     label_names: tuple[str, ...]
-    privacy: PrivacyConfig  # the site's own policy
+    policy: Policy      # the site's own budget: nothing the server sends can raise it
+    state_dir: Path     # the site's keys and ledger
 
 
 def site_from_context(cfg: Config, context: Context) -> Site:
@@ -48,14 +52,21 @@ def site_from_context(cfg: Config, context: Context) -> Site:
                          "its data file in its node config")
     pid, num = int(node["partition-id"]), int(node["num-partitions"])
     sites, test = federated_data(cfg.data, num)
-    return Site(f"site{pid}", sites[pid], test.label_names, cfg.privacy)
+    name = f"site{pid}"
+    policy = Policy(cfg.site.budget_of(pid), cfg.privacy.delta, cfg.site.min_noise_multiplier,
+                    cfg.site.max_noise_multiplier)
+    return Site(name, sites[pid], test.label_names, policy, site_state_root(cfg) / name)
+
+
+def site_state_root(cfg: Config) -> Path:
+    return Path(cfg.site.state_dir or Path(cfg.simulation.output_dir) / "site_state")
 
 
 class SiteTrainer:
-    """The work of a round at one site; privacy state read from and written to `state`."""
+    """The work of a round at one site."""
 
-    def __init__(self, cfg: Config, site: Site, state) -> None:
-        self.cfg, self.site, self.state = cfg, site, state
+    def __init__(self, cfg: Config, site: Site) -> None:
+        self.cfg, self.site = cfg, site
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
@@ -71,56 +82,52 @@ class SiteTrainer:
             ("val", site.data.fingerprint, cfg.model),
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
 
-    # -- privacy state -------------------------------------------------------------
-    def history(self) -> accounting.History:
-        rec = self.state.config_records.get(Keys.STATE_PRIVACY)
-        if rec is None:
-            return []
-        return list(zip(rec["sigma"], rec["q"], rec["steps"]))
-
-    def _save_history(self, history: accounting.History, sigma: float, run_id: str) -> None:
-        self.state.config_records[Keys.STATE_PRIVACY] = ConfigRecord({
-            "sigma": [float(s) for s, _, _ in history] or [0.0],
-            "q": [float(q) for _, q, _ in history] or [0.0],
-            "steps": [int(n) for _, _, n in history] or [0],
-            "planned_sigma": float(sigma), "run_id": run_id,
-        })
-
-    def plan(self, run_id: str, rounds_left: int) -> PrivateStep:
-        """This round's mechanism: σ is fixed once per run so that every planned round
-        fits in the site's target; it never goes below the site's minimum."""
-        p, t = self.site.privacy, self.cfg.train
-        q = accounting.sample_rate(t.batch_size, len(self.train_data))
-        rec = self.state.config_records.get(Keys.STATE_PRIVACY)
-        if rec is not None and rec["run_id"] == run_id:
-            sigma = float(rec["planned_sigma"])
-        else:
-            sigma = accounting.calibrate_noise(
-                self.history(), q, rounds_left * t.local_steps, p.target_epsilon, p.delta,
-                p.min_noise_multiplier)
-        return PrivateStep(sigma, q, t.local_steps, p.max_grad_norm)
+    def guard(self) -> SiteGuard:
+        return SiteGuard(self.site.name, self.site.state_dir, self.site.data.fingerprint,
+                         self.site.policy)
 
     # -- rounds ----------------------------------------------------------------------
-    def fit(self, round_no: int, num_rounds: int, run_id: str) -> dict:
-        t, p = self.cfg.train, self.site.privacy
+    def fit(self, round_no: int, num_rounds: int, run_id: str, secure: bool = False) -> dict:
+        """Train one round; returns the update, its example count and the metrics.
+        A private site that cannot stay within its budget refuses: no update."""
+        t, p = self.cfg.train, self.cfg.privacy
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         start = time.perf_counter()
         metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: p.enabled, Keys.REFUSED: ""}
-        if p.enabled:
-            step = self.plan(run_id, num_rounds - round_no + 1)
-            accountant = accounting.make_accountant(self.history())
-            stats = train_private(self.model, self.train_data, step, t.learning_rate,
-                                  t.chunk_size, self.device, accountant, gen)
-            self._save_history(accountant.history, step.noise_multiplier, run_id)
-            metrics.update({
-                Keys.EPSILON: accounting.epsilon(accountant.history, p.delta),
-                Keys.DELTA: p.delta, Keys.NOISE_MULTIPLIER: step.noise_multiplier,
-                Keys.SAMPLE_RATE: step.sample_rate, Keys.MAX_GRAD_NORM: step.max_grad_norm,
-            })
-        else:
+        if not p.enabled:
             stats = train_plain(self.model, self.train_data, t.batch_size, t.local_steps,
                                 t.learning_rate, t.chunk_size, self.device, gen)
-        arrays = get_adapter_arrays(self.model)
+            arrays = get_adapter_arrays(self.model)
+        else:
+            guard = self.guard()
+            metrics[Keys.SITE_PUBLIC_KEY] = guard.public_key()
+            try:
+                step = guard.plan(run_id, p.target_epsilon,
+                                  accounting.sample_rate(t.batch_size, len(self.train_data)),
+                                  t.local_steps, num_rounds - round_no + 1, p.max_grad_norm)
+                projected = guard.projected(step)
+                if projected > guard.policy.epsilon_budget:
+                    raise accounting.BudgetError(
+                        f"this round would bring ε to {projected:.4g}, above the site's "
+                        f"budget of {guard.policy.epsilon_budget:g}")
+            except accounting.BudgetError as err:
+                reason = f"{self.site.name} refuses round {round_no}: {err}"
+                guard.record_refusal(run_id, round_no, reason, secure)
+                metrics.update({Keys.REFUSED: reason, Keys.EPSILON: guard.spent(),
+                                Keys.LEDGER: guard.ledger_text()})
+                return {"arrays": [], "num_examples": 0, "metrics": metrics}
+            accountant = accounting.make_accountant(guard.history())
+            stats = train_private(self.model, self.train_data, step, t.learning_rate,
+                                  t.chunk_size, self.device, accountant, gen)
+            arrays = get_adapter_arrays(self.model)
+            eps = accounting.epsilon(accountant.history, guard.policy.delta)
+            guard.record_release(run_id, round_no, step, eps, arrays, secure)  # fsync first
+            metrics.update({
+                Keys.EPSILON: eps, Keys.DELTA: guard.policy.delta,
+                Keys.NOISE_MULTIPLIER: step.noise_multiplier,
+                Keys.SAMPLE_RATE: step.sample_rate, Keys.MAX_GRAD_NORM: step.max_grad_norm,
+                Keys.LEDGER: guard.ledger_text(),
+            })
         metrics.update({
             Keys.TRAIN_LOSS: stats.loss, Keys.STEPS: stats.steps,
             Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays)),

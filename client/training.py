@@ -74,22 +74,33 @@ def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
                                 sample_rate=step.sample_rate)
                 empty += 1
                 continue
-            pieces = chunks(data, sampled, chunk_size)
-            total = 0.0
-            for j, rows in enumerate(pieces):
-                loss = _forward_loss(gsm, data, rows, device)
-                loss.backward()
-                total += loss.detach().item() * len(rows)
-                optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(total / len(sampled))
+            total = private_batch(gsm, optimizer, data, sampled, chunk_size, device)
+            losses.append(total)
             examples += len(sampled)
             if progress:
                 progress(k + 1, losses[-1])
     finally:
         gsm._close()  # remove hooks and per-sample buffers; model stays as it is
     return TrainStats(_mean(losses), step.steps, examples, empty)
+
+
+def private_batch(gsm, optimizer, data: Encoded, rows: Sequence[int], chunk_size: int,
+                  device: torch.device) -> float:
+    """One DP-SGD step on the sampled `rows`, run as chunks; returns the mean loss.
+
+    Every chunk but the last only clips and accumulates (a skipped "virtual" step);
+    the last adds noise once, scales by the expected batch size, and steps.
+    """
+    pieces = chunks(data, rows, chunk_size)
+    total = 0.0
+    for j, piece in enumerate(pieces):
+        loss = _forward_loss(gsm, data, piece, device)
+        loss.backward()
+        total += loss.detach().item() * len(piece)
+        optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total / len(rows)
 
 
 def train_plain(model, data: Encoded, batch_size: int, steps: int, learning_rate: float,

@@ -100,16 +100,42 @@ class PrivacyConfig:
     target_epsilon: float = field(default=8.0, metadata={"help": "Per-site epsilon for this run."})
     delta: float = field(default=1e-5, metadata={"help": "Per-site delta."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
-    min_noise_multiplier: float = field(
-        default=0.0, metadata={"help": "Refuse to train with less noise than this."}
-    )
 
     def __post_init__(self) -> None:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
         _check(0 < self.delta < 1, "privacy.delta", self.delta, "in (0, 1)")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
-        _check(self.min_noise_multiplier >= 0, "privacy.min_noise_multiplier",
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own privacy policy and state. In a deployment it comes from the
+    site's node config and nothing the server sends can raise it; in a simulation this
+    section is every simulated site's policy (`budgets` gives per-site budgets)."""
+    epsilon_budget: float = field(
+        default=8.0, metadata={"help": "Lifetime ε the site allows on one dataset."})
+    budgets: tuple[float, ...] = field(
+        default=(), metadata={"help": "Simulation: per-site budgets, overriding epsilon_budget."})
+    min_noise_multiplier: float = field(
+        default=0.0, metadata={"help": "Never train with less noise than this."})
+    max_noise_multiplier: float = field(
+        default=20.0, metadata={"help": "Refuse rather than send an update drowned in noise."})
+    state_dir: str = field(
+        default="", metadata={"help": "Keys and ledger; '' = <run dir>/site_state in simulate, "
+                                      "else <output_dir>/site_state."})
+
+    def __post_init__(self) -> None:
+        _check(self.epsilon_budget > 0, "site.epsilon_budget", self.epsilon_budget, "> 0")
+        _check(all(b > 0 for b in self.budgets), "site.budgets", self.budgets,
+               "a list of numbers > 0")
+        _check(self.min_noise_multiplier >= 0, "site.min_noise_multiplier",
                self.min_noise_multiplier, ">= 0")
+        _check(self.max_noise_multiplier > self.min_noise_multiplier,
+               "site.max_noise_multiplier", self.max_noise_multiplier,
+               f"> site.min_noise_multiplier ({self.min_noise_multiplier})")
+
+    def budget_of(self, index: int) -> float:
+        return self.budgets[index] if index < len(self.budgets) else self.epsilon_budget
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -190,7 +217,8 @@ class Config:
         flat = {}
         for section, values in self.to_dict().items():
             for key, value in values.items():
-                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+                flat[f"{section}.{key}"] = (",".join(str(v) for v in value)
+                                            if isinstance(value, list) else value)
         return flat
 
 
@@ -208,9 +236,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} must be one of {list(allowed)} (got {value!r})")
         return value
     if origin is tuple:
+        item = typing.get_args(hint)[0]
         if isinstance(value, str):  # Flower's run config has no lists: "a,b,c"
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (got {value!r})")
+        if item is float:
+            try:
+                return tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key} must be a list of numbers (got {value!r})") from None
+        if not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} must be a list of strings (got {value!r})")
         return tuple(value)
     if hint is bool:

@@ -14,8 +14,10 @@ note* pushed the classifier towards (or away from) the suggested label. This mod
 
 Scores are in units of the label's *probability*: by the completeness property of IG,
 the word scores sum to ``p(label | text) - p(label | baseline)`` up to
-``convergence_delta`` (the numerical error of the path integral; raise ``n_steps`` if it
-is large compared with the scores). Positive scores support the label, negative oppose it.
+``convergence_delta``, the numerical error of the path integral. Texts whose error is
+large are recomputed with more integration steps (see ``attribute_texts``), and the
+renderers flag any that stay approximate. Positive scores support the label, negative
+scores oppose it.
 
 Works for any Hugging Face sequence-classification model, bare or wrapped by
 ``peft.PeftModel``, on whatever device the model lives on. Attribution is an aid to
@@ -138,11 +140,14 @@ def attribute_texts(
             f"targets must have one entry per text (got {len(targets)} targets "
             f"for {len(texts)} texts); pass None to explain the predicted labels"
         )
-    for name, value in (("n_steps", n_steps), ("max_steps", max_steps), ("batch_size", batch_size)):
+    sizes = (("n_steps", n_steps), ("max_steps", max_steps), ("batch_size", batch_size))
+    for name, value in sizes:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
     if tolerance is not None and not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, or None to disable refinement (got {tolerance!r})")
+        raise ValueError(
+            f"tolerance must be > 0, or None to disable refinement (got {tolerance!r})"
+        )
     for i, target in enumerate(targets):
         _check_target(f"targets[{i}]", target, model)
     if not getattr(tokenizer, "is_fast", False):
@@ -342,7 +347,7 @@ def _merge_words(
             spans[wid] = [start, end, 0.0]
         span = spans[wid]
         span[0], span[1] = min(span[0], start), max(span[1], end)
-        span[2] = score
+        span[2] += score
     words = []
     for start, end, score in spans.values():
         # Some tokenizers (byte-level BPE, sentencepiece) include the leading space.
@@ -364,6 +369,13 @@ _ANSI_OPPOSE = "31"  # red
 _FAINT_BELOW = 0.1  # |score| / max |score| below this is left uncoloured
 _STRONG_FROM = 0.5  # ... from this on, normal intensity; in between, faint
 
+def _strength_scale(expl: Explanation) -> float:
+    """What |score| counts as full strength: the record's strongest word, but at least
+    _CHANGE_FLOOR (probability units), so that a record whose words barely move the
+    probability is not painted as if they were decisive."""
+    return max(max((abs(w.score) for w in expl.words), default=0.0), _CHANGE_FLOOR)
+
+
 # Control characters in a note (ESC, CR, ...) could rewrite the reviewer's terminal;
 # replace each by one visible character so character offsets stay valid.
 _CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (9, 10)}
@@ -375,21 +387,23 @@ def render_terminal(
     """The text with its words highlighted, then one line naming the top words.
 
     With ``color``: green supports ``label_name``, red opposes it; faint / normal / bold
-    by strength relative to the record's strongest word, bold for the ``top_k`` words.
-    Without: the ``top_k`` words are marked ``[[word]]`` (supports) or ``{{word}}``
-    (opposes) and the output is plain text.
+    by strength relative to the record's strongest word (or to 0.05 probability, if no
+    word moves it that much), bold for the ``top_k`` words. Without: the ``top_k`` words
+    are marked ``[[word]]`` (supports) or ``{{word}}`` (opposes), plain text. Words under
+    a tenth of that full strength are never highlighted, even among the top ``top_k``;
+    the summary line lists the ``top_k`` words with their signed scores either way.
     """
     text = expl.text.translate(_CONTROL)
     top = expl.top(top_k)
     top_spans = {(w.start, w.end) for w in top}
-    peak = max((abs(w.score) for w in expl.words), default=0.0)
+    scale = _strength_scale(expl)
 
     parts, cursor = [], 0
     for w in expl.words:
         parts.append(text[cursor : w.start])
         word = text[w.start : w.end]
-        strength = abs(w.score) / peak if peak > 0 else 0.0
-        is_top = (w.start, w.end) in top_spans and strength > 0
+        strength = abs(w.score) / scale
+        is_top = (w.start, w.end) in top_spans and strength >= _FAINT_BELOW
         if color:
             if strength < _FAINT_BELOW and not is_top:
                 parts.append(word)
@@ -439,19 +453,20 @@ def render_html(
     """One self-contained HTML page (no scripts, no external resources), a section per record.
 
     ``explanations`` pairs each Explanation with the display name of its label. Each word
-    is a span whose background opacity is proportional to |score| relative to the
-    strongest word *of the same record*: green supports the label, red opposes it; hover
-    for the score, label and probability. All text is HTML-escaped.
+    is a span whose background opacity is proportional to |score|, relative to the
+    strongest word *of the same record* (or to 0.05 probability if no word moves it that
+    much): green supports the label, red opposes it; hover for the score, label and
+    probability. All text is HTML-escaped.
     """
     esc = html.escape  # quote=True: also safe inside attribute values
     sections = []
     for n, (expl, label_name) in enumerate(explanations, start=1):
         label = esc(label_name)
-        peak = max((abs(w.score) for w in expl.words), default=0.0)
+        scale = _strength_scale(expl)
         parts, cursor = [], 0
         for w in expl.words:
             parts.append(esc(expl.text[cursor : w.start]))
-            alpha = _HTML_MAX_ALPHA * abs(w.score) / peak if peak > 0 else 0.0
+            alpha = _HTML_MAX_ALPHA * abs(w.score) / scale
             rgb = _HTML_SUPPORT if w.score > 0 else _HTML_OPPOSE
             verb = "supports" if w.score > 0 else "opposes"
             tip = esc(
@@ -483,7 +498,8 @@ def render_html(
         "supports the shown label &nbsp; "
         f'<span class="swatch" style="background-color: rgba({_HTML_OPPOSE}, 0.85)"></span> '
         "opposes it. Colour strength is proportional to the word's |score|, relative to "
-        "the strongest word of the same record; hover a word for its score. Scores are "
+        "the strongest word of the same record (or to 0.05, if no word moves the "
+        "probability that much); hover a word for its score. Scores are "
         "Integrated Gradients contributions to the label's probability, an aid to review "
         "and not a clinical rationale.</div>"
     )

@@ -19,7 +19,6 @@ class Keys:
     MAX_GRAD_NORM = "max_grad_norm"
     BYTES_SENT = "bytes_sent"
     TRAIN_SECONDS = "train_seconds"
-    LEDGER_ENTRY = "ledger_entry"      # signed JSON entry of the site's privacy ledger
+    LEDGER = "ledger"                  # the site's signed privacy ledger (JSONL text)
     SITE_PUBLIC_KEY = "site_public_key"
-    # Context.state record names (per site, across rounds)
-    STATE_PRIVACY = "fedcare.privacy"
+    SECURE_AGGREGATION = "secure_aggregation"

@@ -75,7 +75,14 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
 
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model)
-    summary = recorder.summary(final)
+    audit = None
+    if cfg.privacy.enabled and (run_dir / "ledgers").is_dir():
+        from common.privacy.report import write_report
+
+        report = write_report(run_dir, run_dir / "audit_report.html", run_dir / "audit_report.json")
+        audit = {"report": "audit_report.html", "verified": report["ok"],
+                 "problems": sum(len(site["problems"]) for site in report["sites"])}
+    summary = recorder.summary(final, {"audit": audit})
     recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
                  f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
     return summary

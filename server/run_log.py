@@ -46,9 +46,26 @@ class RunRecorder:
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
+    def store_ledger(self, site: str, ledger: str, public_key: str) -> None:
+        """Keep the site's signed ledger beside its public key, for `fedcare audit`.
+        A ledger that does not extend the copy already held is kept too, and flagged."""
+        folder = self.dir / "ledgers"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{site}.jsonl"
+        if path.exists() and not ledger.startswith(path.read_text(encoding="utf-8")):
+            self.say(f"WARNING: {site} sent a ledger that rewrites its earlier entries; "
+                     f"the earlier copy is kept as {path.name}.previous")
+            path.replace(folder / f"{site}.jsonl.previous")
+        path.write_text(ledger, encoding="utf-8")
+        if public_key:
+            (folder / f"{site}.pub.pem").write_text(public_key, encoding="utf-8")
+
     def record(self, phase: str, round_no: int, rows: list[dict]) -> None:
         stamp = round(time.perf_counter() - self.start, 2)
         for row in rows:
+            ledger, key = row.pop(Keys.LEDGER, None), row.pop(Keys.SITE_PUBLIC_KEY, "")
+            if ledger is not None and Keys.SITE in row:
+                self.store_ledger(str(row[Keys.SITE]), str(ledger), str(key))
             row = {"round": round_no, "phase": phase, "wall_seconds": stamp,
                    "private": self.cfg.privacy.enabled,
                    **{k: _clean(v) for k, v in row.items() if not isinstance(v, bytes)}}

@@ -1,4 +1,7 @@
-"""The `fedcare` command: thin argument parsing over the functions the apps call."""
+"""fedcare: federated, differentially private LoRA fine-tuning for clinical text.
+
+The command is thin: it parses arguments and calls the functions the apps call.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedcare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedcare", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate N hospitals on this machine")
     sim.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
@@ -43,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", help="write the run here instead of a new timestamped folder")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
+
+    from common.certs import register as register_certs
+    from common.privacy.audit_cli import register as register_audit
+
+    register_audit(sub)
+    register_certs(sub)
     return parser
 
 

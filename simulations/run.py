@@ -10,11 +10,16 @@ from pathlib import Path
 from common.config import Config
 
 
-def prepare(cfg: Config) -> Config:
-    """Give each site actor as many torch threads as Ray CPUs (no oversubscription)."""
+def prepare(cfg: Config, run_dir: Path) -> Config:
+    """Each site actor gets as many torch threads as Ray CPUs (no oversubscription);
+    simulated sites keep their keys and ledgers in the run directory unless the
+    config names a lasting site state folder."""
     if cfg.train.threads == 0:
         threads = max(1, int(cfg.simulation.cpus_per_site))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    if not cfg.site.state_dir:
+        state = str(run_dir / "site_state")
+        cfg = dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, state_dir=state))
     return cfg
 
 
@@ -28,8 +33,8 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False) ->
     from client.app import build_app as build_client_app
     from server.app import build_app as build_server_app, run_dir_for
 
-    cfg = prepare(cfg)
-    run_dir = Path(run_dir) if run_dir else run_dir_for(cfg, "sim")
+    run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
+    cfg = prepare(cfg, run_dir)
     sim = cfg.simulation
     resources = {"num_cpus": sim.cpus_per_site, "num_gpus": 0.0}
     if cfg.train.device != "cpu" and torch.cuda.is_available():

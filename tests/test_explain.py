@@ -288,7 +288,11 @@ def _hand_made(text: str = "cough <script>alert(1)</script> fever") -> Explanati
 
 
 def test_render_html_escapes_input_and_is_self_contained():
-    page = render_html([(_hand_made(), "Febrile <b>illness</b>")], title="Review & sign")
+    quiet = Explanation("no acute distress", 0, 0.97, (WordAttribution("no", 0, 2, 0.01),), 0.0)
+    page = render_html(
+        [(_hand_made(), "Febrile <b>illness</b>"), (quiet, "Well")], title="Review & sign"
+    )
+    assert page.count('<section class="record">') == 2
     assert "<script>" not in page and "<b>" not in page
     assert "&lt;script&gt;" in page and "&lt;b&gt;illness&lt;/b&gt;" in page
     assert "Review &amp; sign" in page
@@ -296,17 +300,26 @@ def test_render_html_escapes_input_and_is_self_contained():
     assert "<link" not in page and "src=" not in page and "@import" not in page
     assert 'rgba(22, 163, 74, 0.850)" title="score +0.7000: supports Febrile' in page
     assert "rgba(220, 38, 38, 0.121)" in page  # cough: 0.85 * 0.10 / 0.70, red
+    # A word that moves p by 0.01 is not painted as decisive: scale floored at 0.05.
+    assert "rgba(22, 163, 74, 0.170)" in page  # 0.85 * 0.01 / 0.05
 
 
 def test_render_terminal_plain_marks_the_top_words_by_sign():
     out = render_terminal(_hand_made("cough and fever"), "Febrile illness", color=False)
     first, summary = out.split("\n")
-    assert first == "{{cough}} [[and]] [[fever]]"
+    assert first == "{{cough}} and [[fever]]"  # "and" is top 3 but under 1/10 of fever
     assert "\x1b" not in out
     assert summary.startswith(
         "label: Febrile illness (p=0.930) | top words: fever +0.700, cough -0.100, and +0.010"
     )
     assert "scores approximate" not in summary  # |delta| 0.001 of a 0.61 change
+
+
+def test_render_terminal_does_not_highlight_words_that_barely_matter():
+    words = (WordAttribution("slept", 0, 5, 0.002), WordAttribution("well", 6, 10, -0.001))
+    expl = Explanation("slept well", 0, 0.95, words, 0.0)
+    assert render_terminal(expl, "Well", color=False).split("\n")[0] == "slept well"
+    assert "\x1b" not in render_terminal(expl, "Well").split("\n")[0]
 
 
 def test_render_terminal_colour_bolds_top_word_and_neutralises_escapes():

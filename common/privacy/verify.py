@@ -179,6 +179,8 @@ def _check_signatures(site: str, ledger: Path, entries: list[dict],
                       trusted_keys: Path | None) -> tuple[bool, list[Problem]]:
     problems: list[Problem] = []
     beside = ledger.with_suffix(".pub.pem")
+    if not beside.exists() and (ledger.parent / "site_key.pub.pem").exists():
+        beside = ledger.parent / "site_key.pub.pem"  # a site's own state folder
     key, pinned = None, False
     try:
         if trusted_keys is not None:

@@ -1,0 +1,122 @@
+"""The site enforces its own budget, across rounds and runs, and its ledger never
+claims less than was released, whatever happens to the process."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.budget import Policy, SiteGuard
+from client.site import Site, SiteTrainer
+from common.data import read_records, site_split
+from common.privacy import accounting
+from common.privacy.ledger import read_entries
+from common.privacy.verify import verify_path
+from tests.conftest import LABELS, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _site(files, state: Path, budget: float, max_noise: float = 20.0) -> Site:
+    ds = read_records(files["sites"][0], "note", "diagnosis", LABELS)
+    return Site("site0", site_split(ds, 0.1, 0), LABELS,
+                Policy(budget, 1e-5, max_noise_multiplier=max_noise), state)
+
+
+def _run(cfg, site, run_id: str, rounds: int) -> list[dict]:
+    return [SiteTrainer(cfg, site).fit(r, rounds, run_id) for r in range(1, rounds + 1)]
+
+
+def test_second_run_on_the_same_data_starts_from_what_was_spent(tiny_model, site_files, tmp_path):
+    cfg = tiny_config(tiny_model, site_files, privacy={"target_epsilon": 2.0})
+    site = _site(site_files, tmp_path / "state", budget=20.0)
+    first = _run(cfg, site, "run-1", 2)
+    second = _run(cfg, site, "run-2", 2)
+    spent_after_first = first[-1]["metrics"]["epsilon"]
+    assert spent_after_first <= 2.0 + 1e-9
+    assert second[0]["metrics"]["epsilon"] > spent_after_first
+    history = SiteTrainer(cfg, site).guard().history()
+    assert len(history) == 4  # both runs' releases, composed together
+    assert second[-1]["metrics"]["epsilon"] == pytest.approx(
+        accounting.epsilon(history, 1e-5), rel=1e-9)
+
+
+def test_a_site_whose_budget_is_spent_refuses_and_sends_nothing(tiny_model, site_files, tmp_path):
+    cfg = tiny_config(tiny_model, site_files, privacy={"target_epsilon": 3.0})
+    site = _site(site_files, tmp_path / "state", budget=3.0, max_noise=5.0)
+    spent = _run(cfg, site, "run-1", 2)[-1]["metrics"]["epsilon"]
+    refused = SiteTrainer(cfg, site).fit(1, 2, "run-2")
+    assert refused["arrays"] == [] and refused["num_examples"] == 0
+    assert "refuses round 1" in refused["metrics"]["refused"]
+    assert "above the site's max_noise_multiplier 5" in refused["metrics"]["refused"]
+    assert refused["metrics"]["epsilon"] == pytest.approx(spent)
+    entries = read_entries(tmp_path / "state" / "ledger.jsonl")
+    assert [e["kind"] for e in entries] == ["train", "train", "refusal"]
+    assert entries[-1]["update_sha256"] is None and entries[-1]["epsilon"] == pytest.approx(spent)
+    assert verify_path(tmp_path / "state" / "ledger.jsonl").ok
+
+
+def test_the_server_asking_for_more_rounds_than_planned_is_refused(tiny_model, site_files, tmp_path):
+    """The server announces 2 rounds, σ is planned for 2, then it asks for a third."""
+    cfg = tiny_config(tiny_model, site_files, privacy={"target_epsilon": 4.0})
+    site = _site(site_files, tmp_path / "state", budget=4.0)
+    _run(cfg, site, "run-1", 2)
+    third = SiteTrainer(cfg, site).fit(3, 3, "run-1")
+    assert third["arrays"] == []
+    assert "above the site's budget of 4" in third["metrics"]["refused"]
+
+
+def test_ledger_entries_are_signed_and_verify(tiny_model, site_files, tmp_path):
+    cfg = tiny_config(tiny_model, site_files)
+    site = _site(site_files, tmp_path / "state", budget=8.0)
+    results = _run(cfg, site, "run-1", 2)
+    entries = read_entries(tmp_path / "state" / "ledger.jsonl")
+    assert [e["round"] for e in entries] == [1, 2]
+    assert entries[1]["epsilon"] == pytest.approx(results[1]["metrics"]["epsilon"])
+    assert entries[0]["mechanism"]["sampling"] == "poisson"
+    assert oct((tmp_path / "state" / "site_key.pem").stat().st_mode & 0o777) == "0o600"
+    report = verify_path(tmp_path / "state" / "ledger.jsonl")
+    assert report.ok, report.problems
+
+
+@pytest.mark.slow
+def test_killed_site_never_shows_less_epsilon_than_it_released(tiny_model, site_files, tmp_path):
+    state, out = tmp_path / "state", tmp_path / "out"
+    out.mkdir()
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for attempt in range(5):
+        (out / "ready").unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.crash_site", str(tiny_model),
+             str(site_files["sites"][0]), str(site_files["test"]), str(state), str(out)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 120
+            while not (out / "ready").exists():
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "site process did not start"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.2, 2.5))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stderr.close()
+    SiteGuard("site0", state, "unused", Policy(1000.0, 1e-5))  # repairs a cut-off tail
+    released = [h for h in (out / "released.txt").read_text().split()] if (
+        out / "released.txt").exists() else []
+    entries = [e for e in read_entries(state / "ledger.jsonl") if e["kind"] == "train"]
+    assert released, "no update was released in five attempts: the test proved nothing"
+    recorded = {e["update_sha256"] for e in entries}
+    assert set(released) <= recorded  # every update that left was in the ledger first
+    true_history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])
+                    for e in entries if e["update_sha256"] in set(released)]
+    assert entries[-1]["epsilon"] >= accounting.epsilon(true_history, 1e-5) - 1e-12
+    assert verify_path(state / "ledger.jsonl").ok

@@ -1,0 +1,81 @@
+"""One parser for YAML and Flower's run config; errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import (SECTIONS, Config, ConfigError, from_mapping, from_run_config,
+                           load_yaml)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "simulations" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_says_how_to_run_it(path):
+    cfg = load_yaml(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#")
+    assert f"fedcare simulate simulations/configs/{path.name}" in path.read_text()
+
+
+def test_shipped_configs_exist():
+    assert any(p.name == "default.yaml" for p in CONFIGS)
+
+
+def test_pyproject_run_config_declares_every_field_with_its_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat = {f"{section}.{key}": value for section, values in declared.items()
+            for key, value in values.items()}
+    assert set(flat) == set(Config().to_run_config())
+    assert from_run_config(flat) == from_run_config(Config().to_run_config())
+
+
+def test_run_config_round_trip_keeps_every_value():
+    cfg = from_mapping({"lora": {"target_modules": ["query", "key", "value"]},
+                        "privacy": {"target_epsilon": 3}})
+    assert from_run_config(cfg.to_run_config()) == cfg
+    assert cfg.lora.target_modules == ("query", "key", "value")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"privacy": {"target_epsilon": -1}}, "privacy.target_epsilon must be > 0 (got -1.0)"),
+    ({"privacy": {"delta": 2}}, "privacy.delta must be in (0, 1)"),
+    ({"train": {"batch_sze": 3}}, "train.batch_sze is not a known setting"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size must be an integer (got 'big')"),
+    ({"train": {"device": "tpu"}}, "train.device must be one of ['auto', 'cpu', 'cuda']"),
+    ({"privacy": {"enabled": "yes"}}, "privacy.enabled must be true or false"),
+    ({"federation": {"num_rounds": 0}}, "federation.num_rounds must be >= 1"),
+    ({"data": {"source": "files"}}, "data.site_files must be one file per site"),
+    ({"nonsense": {}}, "nonsense is not a known section"),
+])
+def test_bad_values_name_the_key_and_the_value(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data)
+    assert message in str(err.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("privacy:\n  target_epsilon: zero\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: privacy\.target_epsilon must be a number"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_apply_on_top_of_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy:\n  target_epsilon: 2.0\n")
+    cfg = load_yaml(path, {"privacy.delta": 1e-6, "train.local_steps": 3})
+    assert (cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.train.local_steps) == (2.0, 1e-6, 3)
+
+
+def test_every_section_is_a_frozen_dataclass():
+    for cls in SECTIONS.values():
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
