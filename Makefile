@@ -1,0 +1,37 @@
+# fedcare: two commands from a fresh machine with Python 3.10+ and pip.
+#   make demo   set up .venv, then simulate 4 private hospitals on the embedded data
+#   make test   set up .venv, then run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install demo test flwr-run clean
+
+install: $(STAMP)
+
+# torch first, pinned: an open requirement would pull a multi-GB CUDA build on CPU machines
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedcare simulate
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# the same defaults through Flower's own runner (local simulation, project-local Flower home)
+flwr-run: install
+	mkdir -p .flwr && test -f .flwr/config.toml || cp simulations/flwr_config.toml .flwr/config.toml
+	FLWR_HOME=$(CURDIR)/.flwr PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream
+
+clean:
+	rm -rf $(VENV) .flwr runs
