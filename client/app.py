@@ -27,7 +27,8 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         set_adapter_arrays(self.trainer.model, parameters)
         out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
-                               str(config[Keys.RUN_ID]))
+                               str(config[Keys.RUN_ID]),
+                               secure=bool(config.get(Keys.SECURE_AGGREGATION, False)))
         return out["arrays"], out["num_examples"], out["metrics"]
 
     def evaluate(self, parameters, config):
@@ -35,22 +36,30 @@ class SiteClient(NumPyClient):
         return self.trainer.evaluate()
 
 
+FIT_CONFIG = "fitins.config"  # where Flower's legacy messages keep the FitIns config
+
+
 def secure_aggregation_mod(msg, context, call_next):
-    """SecAgg+ when the server runs its SecAgg+ workflow, plain otherwise."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+    """SecAgg+ when the server runs its SecAgg+ workflow, plain otherwise. The site
+    learns that its update goes out masked from the protocol itself, not from a
+    claim of the server, and records it in its ledger."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    if FIT_CONFIG in msg.content.config_records:
+        msg.content.config_records[FIT_CONFIG][Keys.SECURE_AGGREGATION] = True
+    return secaggplus_mod(msg, context, call_next)
 
 
-def build_app(cfg: Config | None = None) -> ClientApp:
-    """`cfg` given: in-process simulation; None: read Flower's run config."""
+def build_app(cfg: Config | None = None, mods=()) -> ClientApp:
+    """`cfg` given: in-process simulation; None: read Flower's run config.
+    `mods` run inside the secure aggregation mod: they see plain, unmasked messages."""
 
     def client_fn(context: Context):
         config = cfg if cfg is not None else from_run_config(context.run_config)
         site = site_from_context(config, context)
         return SiteClient(SiteTrainer(config, site)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, *mods])
 
 
 app = build_app()

@@ -29,6 +29,10 @@ from common.privacy import accounting
 _PROCESS_CACHE: dict = {}
 
 
+class UpdateRangeError(ValueError):
+    """The update cannot be sent as it is under the chosen aggregation."""
+
+
 def _cached(key, make):
     if key not in _PROCESS_CACHE:
         _PROCESS_CACHE[key] = make()
@@ -89,15 +93,18 @@ class SiteTrainer:
     # -- rounds ----------------------------------------------------------------------
     def fit(self, round_no: int, num_rounds: int, run_id: str, secure: bool = False) -> dict:
         """Train one round; returns the update, its example count and the metrics.
-        A private site that cannot stay within its budget refuses: no update."""
+        A private site that cannot stay within its budget refuses: no update (under
+        secure aggregation, a zero update of weight 0, so the masked sum still adds up)."""
         t, p = self.cfg.train, self.cfg.privacy
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         start = time.perf_counter()
-        metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: p.enabled, Keys.REFUSED: ""}
+        metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: p.enabled, Keys.REFUSED: "",
+                         Keys.SECURE_AGGREGATION: secure}
         if not p.enabled:
             stats = train_plain(self.model, self.train_data, t.batch_size, t.local_steps,
                                 t.learning_rate, t.chunk_size, self.device, gen)
             arrays = get_adapter_arrays(self.model)
+            self._check_range(arrays, secure)
         else:
             guard = self.guard()
             metrics[Keys.SITE_PUBLIC_KEY] = guard.public_key()
@@ -110,16 +117,13 @@ class SiteTrainer:
                     raise accounting.BudgetError(
                         f"this round would bring ε to {projected:.4g}, above the site's "
                         f"budget of {guard.policy.epsilon_budget:g}")
-            except accounting.BudgetError as err:
-                reason = f"{self.site.name} refuses round {round_no}: {err}"
-                guard.record_refusal(run_id, round_no, reason, secure)
-                metrics.update({Keys.REFUSED: reason, Keys.EPSILON: guard.spent(),
-                                Keys.LEDGER: guard.ledger_text()})
-                return {"arrays": [], "num_examples": 0, "metrics": metrics}
-            accountant = accounting.make_accountant(guard.history())
-            stats = train_private(self.model, self.train_data, step, t.learning_rate,
-                                  t.chunk_size, self.device, accountant, gen)
-            arrays = get_adapter_arrays(self.model)
+                accountant = accounting.make_accountant(guard.history())
+                stats = train_private(self.model, self.train_data, step, t.learning_rate,
+                                      t.chunk_size, self.device, accountant, gen)
+                arrays = get_adapter_arrays(self.model)
+                self._check_range(arrays, secure)
+            except (accounting.BudgetError, UpdateRangeError) as err:
+                return self._refuse(guard, run_id, round_no, str(err), secure, metrics)
             eps = accounting.epsilon(accountant.history, guard.policy.delta)
             guard.record_release(run_id, round_no, step, eps, arrays, secure)  # fsync first
             metrics.update({
@@ -134,6 +138,25 @@ class SiteTrainer:
             Keys.TRAIN_SECONDS: time.perf_counter() - start,
         })
         return {"arrays": arrays, "num_examples": len(self.train_data), "metrics": metrics}
+
+    def _check_range(self, arrays, secure: bool) -> None:
+        """SecAgg+ clips values to ±clipping_range: an update beyond it would arrive
+        silently changed, so it is not sent at all."""
+        limit = self.cfg.federation.secagg_clipping_range
+        largest = max(float(np.abs(a).max()) for a in arrays if a.size)
+        if secure and largest > limit:
+            raise UpdateRangeError(
+                f"an adapter value reaches {largest:.3g}, outside the secure aggregation "
+                f"range ±{limit:g}; raise federation.secagg_clipping_range")
+
+    def _refuse(self, guard: SiteGuard, run_id: str, round_no: int, why: str, secure: bool,
+                metrics: dict) -> dict:
+        reason = f"{self.site.name} refuses round {round_no}: {why}"
+        guard.record_refusal(run_id, round_no, reason, secure)
+        metrics.update({Keys.REFUSED: reason, Keys.EPSILON: guard.spent(),
+                        Keys.LEDGER: guard.ledger_text()})
+        arrays = ([np.zeros_like(a) for a in get_adapter_arrays(self.model)] if secure else [])
+        return {"arrays": arrays, "num_examples": 0, "metrics": metrics}
 
     def evaluate(self) -> tuple[float, int, dict]:
         m = evaluate(self.model, self.val_data, len(self.site.label_names), self.device)

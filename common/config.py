@@ -165,6 +165,15 @@ class FederationConfig:
     evaluate_test_every: int = field(
         default=0, metadata={"help": "Global test evaluation every N rounds; 0 = last only."}
     )
+    secure_aggregation: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "SecAgg+: the server only sees the sum. auto = on with >= 3 sites."})
+    secagg_threshold: float = field(
+        default=0.67, metadata={"help": "Share of sites needed to unmask the sum."})
+    secagg_clipping_range: float = field(
+        default=8.0, metadata={"help": "Update values must lie in +-this to be quantised."})
+    secagg_max_weight: float = field(
+        default=10_000.0, metadata={"help": "Example counts above this are capped in SecAgg+."})
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
@@ -173,6 +182,12 @@ class FederationConfig:
         _check(self.min_sites >= 1, "federation.min_sites", self.min_sites, ">= 1")
         _check(self.evaluate_test_every >= 0, "federation.evaluate_test_every",
                self.evaluate_test_every, ">= 0")
+        _check(0.5 <= self.secagg_threshold <= 1, "federation.secagg_threshold",
+               self.secagg_threshold, "in [0.5, 1] (below half, two groups could each unmask)")
+        _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range",
+               self.secagg_clipping_range, "> 0")
+        _check(self.secagg_max_weight >= 1, "federation.secagg_max_weight",
+               self.secagg_max_weight, ">= 1")
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
-from common.config import Config, from_run_config
+from common.config import Config, FederationConfig, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
 from common.keys import Keys
@@ -25,6 +26,34 @@ from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_
                           save_adapter, set_adapter_arrays)
 from server.run_log import RunRecorder
 from server.strategy import SiteAwareStrategy, weighted_mean
+
+
+class FitWorkflow:
+    """The fit step of a round: SecAgg+ or plain, by setting and by sites taking part.
+
+    'on' refuses to aggregate in the clear: with fewer than 3 sites in a round the run
+    stops with a reason. 'auto' uses SecAgg+ whenever 3 or more sites take part.
+    """
+
+    MIN_SITES = 3
+
+    def __init__(self, fed: FederationConfig, strategy: FedAvg, say) -> None:
+        self.mode, self.strategy, self.say = fed.secure_aggregation, strategy, say
+        self.secagg = SecAggPlusWorkflow(
+            num_shares=1.0, reconstruction_threshold=fed.secagg_threshold,
+            max_weight=fed.secagg_max_weight, clipping_range=fed.secagg_clipping_range)
+        self.rounds: dict[int, bool] = {}
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        sites, _ = self.strategy.num_fit_clients(context.client_manager.num_available())
+        secure = self.mode == "on" or (self.mode == "auto" and sites >= self.MIN_SITES)
+        if secure and sites < self.MIN_SITES:
+            raise RuntimeError(
+                f"federation.secure_aggregation is 'on' but only {sites} site(s) take part; "
+                f"SecAgg+ needs at least {self.MIN_SITES}, and fedcare will not aggregate "
+                "in the clear instead")
+        self.rounds[len(self.rounds) + 1] = secure
+        (self.secagg if secure else default_fit_workflow)(grid, context)
 
 
 def run_dir_for(cfg: Config, run_id: int | str) -> Path:
@@ -71,7 +100,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     strategy = SiteAwareStrategy(inner, [a.shape for a in initial], recorder.record)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    fit_workflow = FitWorkflow(fed, inner, recorder.say)
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model)
@@ -82,7 +112,9 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
         report = write_report(run_dir, run_dir / "audit_report.html", run_dir / "audit_report.json")
         audit = {"report": "audit_report.html", "verified": report["ok"],
                  "problems": sum(len(site["problems"]) for site in report["sites"])}
-    summary = recorder.summary(final, {"audit": audit})
+    summary = recorder.summary(final, {"audit": audit, "secure_aggregation": {
+        "setting": fed.secure_aggregation,
+        "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}}})
     recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
                  f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
     return summary

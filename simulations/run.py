@@ -23,8 +23,10 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
     return cfg
 
 
-def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False) -> Path:
-    """Run the federation described by `cfg`; returns the run directory."""
+def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
+             client_mods=()) -> Path:
+    """Run the federation described by `cfg`; returns the run directory.
+    `client_mods` are extra Flower mods for every site (see client.app.build_app)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import torch
@@ -43,7 +45,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False) ->
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=build_server_app(cfg, run_dir),
-        client_app=build_client_app(cfg),
+        client_app=build_client_app(cfg, client_mods),
         num_supernodes=sim.num_sites,
         backend_config={
             "client_resources": resources,

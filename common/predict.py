@@ -1,0 +1,508 @@
+"""`fedcare predict`: suggest diagnosis categories for new notes with a trained adapter.
+
+    fedcare predict RUN_DIR --text "fever and cough for three days"
+    fedcare predict RUN_DIR --input notes.csv --text-column note --output out.csv --explain
+    fedcare predict --adapter RUN_DIR/personalized/site-1 --base-model /models/minilm ...
+
+Each record gets its top-k labels with probabilities; a record whose top probability is
+under --threshold is marked UNSURE (the model does not know; a clinician must decide).
+A bad record in an input file (missing column, empty text, broken line) becomes a row
+with its line number and an error; the other records are still predicted. Exit codes:
+0 once predictions are written (even if some records had errors), 2 on unusable input
+(no adapter, unsupported or missing file, no text). This is decision support, not a
+diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from common.data import DataError
+from common.evaluation import Encoded, predict_probs
+from common.model import ModelError, load_adapter, pick_device
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+DEFAULT_HTML = "predictions_explained.html"
+REMINDER = ("Decision support, not a diagnosis: these are a statistical model's suggestions; "
+            "a clinician makes the diagnosis.")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's suggestion for one record (or why there is none)."""
+
+    text: str  # the record's text as read ("" when it could not be read)
+    line: int | None  # line in the input file; None for texts given directly
+    top: tuple[tuple[str, float], ...]  # (label name, probability), most likely first
+    unsure: bool  # top probability < threshold: the model does not know
+    error: str = ""  # why the record was not predicted; "" when it was
+    truncated: bool = False  # the text was longer than the model reads; the rest was cut
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0] if self.top else ""
+
+    @property
+    def probability(self) -> float:
+        return self.top[0][1] if self.top else float("nan")
+
+
+# --------------------------------------------------------------------------- prediction
+
+def predict_texts(model, tokenizer, label_names: Sequence[str], texts: Sequence[str],
+                  top_k: int = 3, threshold: float = 0.5, batch_size: int = 64,
+                  device: torch.device | str | None = None,
+                  progress: Progress | None = None, *,
+                  lines: Sequence[int | None] | None = None) -> list[Prediction]:
+    """One Prediction per text, in input order; a blank or non-text entry gets an error.
+
+    `device` defaults to where the model is. `progress(done, total)` is called after each
+    batch, counting the texts that are predicted. `lines` gives each text's line number.
+    """
+    texts = list(texts)
+    lines = [None] * len(texts) if lines is None else list(lines)
+    if len(lines) != len(texts):
+        raise ValueError(f"lines must have one entry per text (got {len(lines)} lines "
+                         f"for {len(texts)} texts)")
+    errors = ["" if isinstance(t, str) and t.strip() else "empty or non-text record"
+              for t in texts]
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    return _predict(model, tokenizer, label_names, texts, lines, errors, top_k, threshold,
+                    batch_size, device, progress)
+
+
+def predict_records(model, tokenizer, label_names: Sequence[str],
+                    records: Sequence[tuple[int, str | None, str]], **options) -> list[Prediction]:
+    """Predictions for `read_texts` output: records with an error keep it and their line."""
+    texts = [text if text is not None else "" for _, text, _ in records]
+    lines = [line for line, _, _ in records]
+    errors = [error if error else ("" if text and text.strip() else "empty text")
+              for _, text, error in records]
+    return _predict(model, tokenizer, label_names, texts, lines, errors, **options)
+
+
+def _predict(model, tokenizer, label_names, texts, lines, errors, top_k=3, threshold=0.5,
+             batch_size=64, device=None, progress=None) -> list[Prediction]:
+    _check_int("top_k", top_k)
+    _check_int("batch_size", batch_size)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1] (got {threshold!r})")
+    num_labels = getattr(getattr(model, "config", None), "num_labels", len(label_names))
+    if len(label_names) != num_labels:
+        raise ValueError(f"the model has {num_labels} labels but {len(label_names)} label "
+                         "names were given; load both from the same adapter folder")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    good = [i for i, e in enumerate(errors) if not e]
+    probs, truncated = _probabilities(model, tokenizer, [texts[i] for i in good], batch_size,
+                                      device, progress)
+    k = min(top_k, len(label_names))
+    out: list[Prediction] = []
+    row = {i: j for j, i in enumerate(good)}
+    for i, (text, line, error) in enumerate(zip(texts, lines, errors)):
+        if error:
+            out.append(Prediction(text, line, (), False, error))
+            continue
+        p = probs[row[i]]
+        order = np.argsort(-p, kind="stable")[:k]  # ties: label order
+        top = tuple((label_names[c], float(p[c])) for c in order)
+        out.append(Prediction(text, line, top, top[0][1] < threshold, "", truncated[row[i]]))
+    return out
+
+
+def _probabilities(model, tokenizer, texts: list[str], batch_size: int, device,
+                   progress: Progress | None) -> tuple[np.ndarray, list[bool]]:
+    """(N, C) probabilities and whether each text was cut to the model's length limit."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32), []
+    max_length = model_max_length(model, tokenizer)
+    enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+    truncated = [bool(e.overflowing) for e in enc.encodings] if enc.encodings else \
+        [False] * len(texts)
+    ids = tuple(tuple(x) for x in enc["input_ids"])
+    pad_id = tokenizer.pad_token_id or 0
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))  # less padding per batch
+    probs = np.zeros((len(texts), int(model.config.num_labels)), dtype=np.float32)
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo: lo + batch_size]
+        batch = Encoded(tuple(ids[i] for i in rows), torch.zeros(len(rows), dtype=torch.long),
+                        pad_id)
+        probs[rows] = predict_probs(model, batch, device, batch_size)
+        if progress is not None:
+            progress(min(lo + batch_size, len(order)), len(order))
+    return probs, truncated
+
+
+def model_max_length(model, tokenizer) -> int | None:
+    """The longest input (special tokens included) that both tokenizer and model accept;
+    the same limit the explanations use, so the shown probabilities agree."""
+    limits = [tokenizer.model_max_length,
+              getattr(getattr(model, "config", None), "max_position_embeddings", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+
+
+# ------------------------------------------------------------------------------ reading
+
+def read_texts(path: str | Path, text_column: str = "text") -> list[tuple[int, str | None, str]]:
+    """(line number, text or None, error) per record of a CSV or JSONL file.
+
+    A bad record (missing column, empty text, wrong number of CSV fields, broken JSON
+    line) is returned with its error and the rest are still read. A missing file, an
+    unsupported file type or a file that is not UTF-8 raises DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")  # spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    out = []
+    rows = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(content)
+    for line_no, row, error in rows:
+        if error:
+            out.append((line_no, None, error))
+        elif text_column not in row:
+            out.append((line_no, None, f"missing column {text_column!r} "
+                                       f"(columns: {sorted(map(str, row))})"))
+        elif not isinstance(row[text_column], str):
+            out.append((line_no, None, f"{text_column!r} is not text "
+                                       f"(got {type(row[text_column]).__name__})"))
+        elif not row[text_column].strip():
+            out.append((line_no, None, f"empty text in column {text_column!r}"))
+        else:
+            out.append((line_no, row[text_column].strip(), ""))
+    return out
+
+
+def _csv_rows(path: Path, content: str):
+    """(line, row, error) per CSV record. Unlike common.data's reader, which stops at the
+    first bad row (training data must be whole), a bad row here is one error row."""
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    try:
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                found = sum(v is not None for k, v in row.items() if k is not None)
+                found += len(row.get(None) or ())
+                yield reader.line_num, None, (f"expected {len(reader.fieldnames)} fields "
+                                              f"({', '.join(reader.fieldnames)}), "
+                                              f"found {found}")
+            else:
+                yield reader.line_num, row, ""
+    except csv.Error as err:  # e.g. a NUL byte: the reader cannot go on
+        raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({err})") from None
+
+
+def _jsonl_rows(content: str):
+    for line_no, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield line_no, None, f"invalid JSON ({err.msg})"
+            continue
+        if isinstance(row, dict):
+            yield line_no, row, ""
+        else:
+            yield line_no, None, "expected a JSON object per line"
+
+
+# ------------------------------------------------------------------------------ writing
+
+def write_predictions(predictions: Sequence[Prediction], path: str | Path, top_k: int) -> Path:
+    """One row per record, JSONL or CSV by the file's suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open("w", encoding="utf-8") as handle:
+            for n, p in enumerate(predictions, start=1):
+                handle.write(json.dumps({
+                    "record": n, "line": p.line, "text": p.text,
+                    "label": p.label or None, "probability": p.top[0][1] if p.top else None,
+                    "top": [{"label": lab, "probability": prob} for lab, prob in p.top],
+                    "unsure": p.unsure, "truncated": p.truncated, "error": p.error,
+                }, ensure_ascii=False) + "\n")
+    elif suffix == ".csv":
+        ranks = range(1, top_k + 1)
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["record", "line", "text",
+                             *[f"{c}_{r}" for r in ranks for c in ("label", "probability")],
+                             "unsure", "truncated", "error"])
+            for n, p in enumerate(predictions, start=1):
+                cells = []
+                for r in ranks:
+                    lab, prob = p.top[r - 1] if r <= len(p.top) else ("", "")
+                    cells += [lab, f"{prob:.6f}" if prob != "" else ""]
+                writer.writerow([n, "" if p.line is None else p.line, p.text, *cells,
+                                 p.unsure, p.truncated, p.error])
+    else:
+        raise ValueError(f"--output {path}: unsupported file type {suffix!r}; "
+                         "use .jsonl or .csv")
+    return path
+
+
+_CONTROL = {c: " " for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}  # keep the table intact
+
+
+def format_table(predictions: Sequence[Prediction], threshold: float, width: int = 40) -> str:
+    """A terminal table: record, line, top label and probability, the others, the text."""
+    rows = [("#", "line", "suggestion", "p", "also possible", "text")]
+    for n, p in enumerate(predictions, start=1):
+        line = "" if p.line is None else str(p.line)
+        text = p.text.translate(_CONTROL)
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        if p.error:
+            rows.append((str(n), line, "ERROR", "", p.error.translate(_CONTROL), text))
+            continue
+        label = f"UNSURE ({p.label}?)" if p.unsure else p.label
+        others = ", ".join(f"{lab} {prob:.2f}" for lab, prob in p.top[1:])
+        if p.truncated:
+            text = "[cut] " + text
+        rows.append((str(n), line, label, f"{p.probability:.2f}", others, text))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1]
+             for r in rows]
+    lines = [lines[0].rstrip(), "-" * min(len(lines[0]), 120), *(s.rstrip() for s in lines[1:])]
+    unsure = sum(p.unsure for p in predictions)
+    failed = sum(bool(p.error) for p in predictions)
+    lines.append(f"{len(predictions)} record(s): {len(predictions) - failed - unsure} "
+                 f"suggested, {unsure} unsure, {failed} with errors")
+    if unsure:
+        lines.append(f"UNSURE: for {unsure} record(s) the top probability is under "
+                     f"{threshold:.2f}; the model is unsure and a clinician must decide.")
+    if any(p.truncated for p in predictions):
+        lines.append("[cut]: the note is longer than the model reads; later words were "
+                     "not used.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `predict` command to a CLI's subparsers; it sets func(args) -> int."""
+    cmd = subparsers.add_parser(
+        "predict", help="suggest diagnosis categories for new notes with a trained adapter",
+        description="Top-k diagnosis categories per note, with an UNSURE marker under "
+                    "--threshold and optional word-level explanations. Decision support, "
+                    "not a diagnosis.")
+    cmd.add_argument("run_dir", nargs="?", type=Path, default=None, metavar="RUN_DIR",
+                     help="a run directory from `fedcare simulate` (uses RUN_DIR/adapter)")
+    cmd.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                     help="adapter folder to use instead, e.g. RUN_DIR/personalized/SITE")
+    cmd.add_argument("--base-model", default=None, metavar="DIR",
+                     help="base model folder on this machine (default: the one recorded "
+                          "in the adapter's labels.json)")
+    source = cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", default=None,
+                        help="a note to classify; repeat for several")
+    source.add_argument("--input", type=Path, default=None, metavar="FILE",
+                        help="a .csv or .jsonl file of notes, one record per row / line")
+    cmd.add_argument("--text-column", default="text",
+                     help="column (CSV) or key (JSONL) holding the note (default: text)")
+    cmd.add_argument("--top-k", type=_positive_int, default=3,
+                     help="labels shown per record (default 3)")
+    cmd.add_argument("--threshold", type=_probability, default=0.5,
+                     help="below this top probability a record is marked UNSURE (default 0.5)")
+    cmd.add_argument("--output", type=Path, default=None, metavar="FILE",
+                     help="also write one row per record to FILE.jsonl or FILE.csv")
+    cmd.add_argument("--explain", action="store_true",
+                     help="show the words that drove each prediction, and write an HTML page")
+    cmd.add_argument("--explain-html", type=Path, default=None, metavar="FILE",
+                     help=f"HTML page for --explain (default: {DEFAULT_HTML} next to "
+                          "--output, else in the current folder)")
+    cmd.add_argument("--batch-size", type=_positive_int, default=64,
+                     help="records per forward pass (default 64)")
+    cmd.add_argument("--no-color", action="store_true", help="plain text, no ANSI colours")
+    cmd.set_defaults(func=run_predict)
+    return cmd
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {value!r})") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {value!r})")
+    return number
+
+
+def _probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1] (got {value!r})")
+    return number
+
+
+def _fail(message: str) -> int:
+    print(f"fedcare predict: error: {message}", file=sys.stderr)
+    return 2
+
+
+def adapter_folder(run_dir: Path | None, adapter: Path | None) -> Path:
+    """--adapter if given, else RUN_DIR/adapter (or RUN_DIR itself if it is an adapter)."""
+    if adapter is not None:
+        return adapter
+    if run_dir is None:
+        raise ModelError("give a run directory (RUN_DIR) or --adapter DIR")
+    if (run_dir / "adapter_config.json").is_file():
+        return run_dir
+    if not (run_dir / "adapter").is_dir():
+        raise ModelError(f"{run_dir} is neither a run directory (no adapter/ folder) nor "
+                         "an adapter folder (no adapter_config.json)")
+    return run_dir / "adapter"
+
+
+def _loaded(run_dir: Path | None, adapter: Path | None, base_model: str | None):
+    folder = adapter_folder(run_dir, adapter)
+    try:
+        model, tokenizer, labels = load_adapter(folder, base_model)
+    except ModelError as err:
+        if base_model is None and "base_model" in str(err):  # recorded path not on this machine
+            raise ModelError(f"{err}; pass --base-model DIR to use the base model folder on "
+                             "this machine") from None
+        raise
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ModelError(f"cannot load the adapter in {folder}: {err}") from None
+    return folder, model, tokenizer, labels
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    output = args.output
+    if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        return _fail(f"--output {output}: unsupported file type {output.suffix!r}; "
+                     "use .jsonl or .csv")
+    html_path = None
+    if args.explain or args.explain_html is not None:
+        html_path = args.explain_html or (output.parent if output else Path()) / DEFAULT_HTML
+    try:
+        if args.input is not None:
+            if output is not None and output.resolve() == args.input.resolve():
+                return _fail(f"--output {output} would overwrite the input file")
+            records = read_texts(args.input, args.text_column)
+            if not records:
+                return _fail(f"{args.input}: no records (the file is empty)")
+        else:
+            records = [(None, t, "") for t in args.text if t.strip()]
+            if not records:
+                return _fail("no text given: --text is empty")
+        folder, model, tokenizer, labels = _loaded(args.run_dir, args.adapter, args.base_model)
+    except (ModelError, DataError, OSError) as err:
+        return _fail(str(err))
+
+    model.to(pick_device("auto"))
+    print(f"adapter: {folder} ({len(labels)} labels)", file=sys.stderr)
+    personal = folder.parent / "personalized"
+    if args.adapter is None and personal.is_dir():
+        sites = sorted(d.name for d in personal.iterdir() if d.is_dir())
+        print(f"note: this run also has personalized adapters ({', '.join(sites)}); "
+              f"use --adapter {personal}/SITE for one site's", file=sys.stderr)
+    with _progress_bar(len(records)) as progress:
+        predictions = predict_records(model, tokenizer, labels, records, top_k=args.top_k,
+                                      threshold=args.threshold, batch_size=args.batch_size,
+                                      progress=progress)
+    print(format_table(predictions, args.threshold))
+    color = not args.no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
+    try:
+        if output is not None:
+            write_predictions(predictions, output, args.top_k)
+            print(f"predictions: {output}")
+        if html_path is not None:
+            _explain(model, tokenizer, labels, predictions, html_path, color)
+    except OSError as err:
+        return _fail(f"cannot write: {err}")
+    print(REMINDER)
+    return 0
+
+
+def _explain(model, tokenizer, labels, predictions, html_path: Path, color: bool) -> None:
+    from common.explain import attribute_texts, render_html, render_terminal
+
+    todo = [(n, p) for n, p in enumerate(predictions, start=1) if not p.error]
+    explained = []
+    step = 8
+    with _progress_bar(len(todo), "explaining") as progress:
+        for lo in range(0, len(todo), step):
+            part = todo[lo: lo + step]
+            explained += attribute_texts(model, tokenizer, [p.text for _, p in part],
+                                         [labels.index(p.label) for _, p in part])
+            if progress is not None:
+                progress(min(lo + step, len(todo)), len(todo))
+    print()
+    pages = []
+    skipped = len(predictions) - len(todo)
+    for section, ((n, p), expl) in enumerate(zip(todo, explained), start=1):
+        where = [] if p.line is None else [f"line {p.line}"]
+        if skipped:  # the page numbers only the records it shows
+            where.append(f"Record {section} on the page")
+        flag = " UNSURE, a clinician must decide" if p.unsure else ""
+        print(f"record {n}" + (f" ({'; '.join(where)})" if where else "") + f"{flag}: "
+              + render_terminal(expl, p.label, color=color))
+        pages.append((expl, p.label))
+    title = "Which words drove each prediction"
+    if skipped:
+        title += f" ({skipped} record(s) with errors are left out)"
+    html_path.write_text(render_html(pages, title), encoding="utf-8")
+    print(f"explanations: {html_path}")
+
+
+class _progress_bar:
+    """A tqdm counter on stderr for large inputs (and only on a terminal); else nothing."""
+
+    def __init__(self, total: int, desc: str = "predicting", minimum: int = 256) -> None:
+        self.total, self.desc, self.minimum, self.bar = total, desc, minimum, None
+
+    def __enter__(self) -> Progress | None:
+        if self.total < self.minimum or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="record", file=sys.stderr)
+        return self._update
+
+    def _update(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="fedcare")
+    _sub = _parser.add_subparsers(dest="command", required=True)
+    register(_sub)
+    _args = _parser.parse_args()
+    sys.exit(_args.func(_args))

@@ -1,0 +1,116 @@
+"""SecAgg+ on the real Flower simulation: the server only gets the sum, the sum is
+the weighted FedAvg, and a site dropping out mid-round does not cost the round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+from common.model import get_adapter_arrays
+from common.privacy.ledger import read_entries
+from simulations.run import simulate
+from tests.conftest import tiny_config, write_records
+
+pytestmark = pytest.mark.slow
+
+
+class CaptureUpdates:
+    """A mod inside SecAgg+: it sees each site's plain update on its way out and
+    keeps a copy (npz, no pickle) so the test can compute the mean itself."""
+
+    def __init__(self, folder: Path, fail_site: str = "") -> None:
+        self.folder, self.fail_site = folder, fail_site
+
+    def __call__(self, msg, context, call_next):
+        site = f"site{context.node_config['partition-id']}"
+        if msg.metadata.message_type == "train" and site == self.fail_site:
+            raise RuntimeError(f"{site} drops out mid-round")
+        out = call_next(msg, context)
+        if msg.metadata.message_type == "train" and out.has_content():
+            res = recorddict_to_fitres(out.content, keep_input=True)
+            np.savez(self.folder / f"{site}.npz", *parameters_to_ndarrays(res.parameters))
+            (self.folder / f"{site}.json").write_text(json.dumps({"n": res.num_examples}))
+        return out
+
+
+def _files(root: Path, sites: int) -> dict:
+    return {"sites": [write_records(root / f"s{i}.csv", 60 + 20 * i, seed=i)
+                      for i in range(sites)],
+            "test": write_records(root / "test.csv", 40, seed=99)}
+
+
+def _global_adapter(run: Path, tiny_model: Path) -> list[np.ndarray]:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=4)
+    model = PeftModel.from_pretrained(base, str(run / "adapter"), is_trainable=True)
+    return get_adapter_arrays(model)
+
+
+MAX_WEIGHT = 200.0  # above every test site's example count, so weights are exact
+
+
+def _tolerance(folder: Path, sites: list[str]) -> float:
+    """SecAgg+ quantises w_i/max_weight * x_i to 2^22 levels over ±8, then divides by
+    Σ w_i/max_weight: each site's rounding is at most one level, scaled back."""
+    level = 2 * 8.0 / 2**22
+    total = sum(json.loads((folder / f"{s}.json").read_text())["n"] for s in sites)
+    return len(sites) * level * MAX_WEIGHT / total
+
+
+def _weighted_mean(folder: Path, sites: list[str]) -> list[np.ndarray]:
+    updates, weights = [], []
+    for site in sites:
+        with np.load(folder / f"{site}.npz", allow_pickle=False) as data:
+            updates.append([data[f"arr_{i}"] for i in range(len(data.files))])
+        weights.append(json.loads((folder / f"{site}.json").read_text())["n"])
+    total = sum(weights)
+    return [sum(w * u[k] for w, u in zip(weights, updates)) / total
+            for k in range(len(updates[0]))]
+
+
+def _run(tiny_model, tmp_path, sites: int, fail_site: str = ""):
+    files = _files(tmp_path, sites)
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": sites,
+                                                     "secure_aggregation": "on",
+                                                     "secagg_max_weight": MAX_WEIGHT},
+                      simulation={"num_sites": sites})
+    run = simulate(cfg, tmp_path / "run", client_mods=[CaptureUpdates(capture, fail_site)])
+    return run, capture, json.loads((run / "summary.json").read_text())
+
+
+def test_secure_sum_is_the_weighted_fedavg_and_sites_record_it(tiny_model, tmp_path):
+    run, capture, summary = _run(tiny_model, tmp_path, 3)
+    assert summary["secure_aggregation"]["rounds"] == {"1": True}
+    sites = ["site0", "site1", "site2"]
+    expected, tol = _weighted_mean(capture, sites), _tolerance(capture, sites)
+    got = _global_adapter(run, tiny_model)
+    assert tol < 1e-4
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=tol, rtol=0)
+    # and the sum is not any single site's update
+    with np.load(capture / "site0.npz", allow_pickle=False) as one:
+        assert not np.allclose(got[-1], one[f"arr_{len(got) - 1}"], atol=1e-4)
+    for site in ("site0", "site1", "site2"):
+        entries = read_entries(run / "ledgers" / f"{site}.jsonl")
+        assert entries and all(e["secure_aggregation"] is True for e in entries)
+
+
+def test_a_site_dropping_out_mid_round_does_not_cost_the_round(tiny_model, tmp_path):
+    run, capture, summary = _run(tiny_model, tmp_path, 4, fail_site="site3")
+    assert summary["secure_aggregation"]["rounds"] == {"1": True}
+    assert not (capture / "site3.npz").exists()
+    sites = ["site0", "site1", "site2"]
+    expected, tol = _weighted_mean(capture, sites), _tolerance(capture, sites)
+    got = _global_adapter(run, tiny_model)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=tol, rtol=0)
+    assert summary["test"]["accuracy"] is not None
