@@ -20,7 +20,7 @@ from flwr.app import Context
 from client.budget import Policy, SiteGuard
 from client.training import train_plain, train_private
 from common.config import Config
-from common.data import SiteData, federated_data
+from common.data import SiteData, federated_data, read_records, site_split
 from common.evaluation import Encoded, encode, evaluate
 from common.keys import Keys
 from common.model import build_model, get_adapter_arrays, load_tokenizer, pick_device
@@ -48,18 +48,57 @@ class Site:
     state_dir: Path     # the site's keys and ledger
 
 
+NODE_KEYS = ("site", "data-file", "text-column", "label-column", "state-dir", "epsilon-budget",
+             "delta", "min-noise-multiplier", "max-noise-multiplier")
+
+
 def site_from_context(cfg: Config, context: Context) -> Site:
-    """Simulation: the node's `partition-id` picks its share of the federated data."""
-    node = context.node_config
+    """The site this node is. A hospital's node config names its data file and holds
+    its privacy policy (`epsilon-budget` is then required: the run config, which the
+    server sends, never sets a deployed site's budget). A simulated node only has a
+    `partition-id`: its share of the federated data, its policy from the config."""
+    node = dict(context.node_config)
+    if "data-file" in node:
+        return _deployed_site(cfg, node)
     if "partition-id" not in node:
-        raise ValueError("node config has no 'partition-id'; a deployed site must name "
-                         "its data file in its node config")
+        raise ValueError("node config needs 'data-file' (a hospital) or 'partition-id' "
+                         f"(a simulated site); known keys: {', '.join(NODE_KEYS)}")
     pid, num = int(node["partition-id"]), int(node["num-partitions"])
     sites, test = federated_data(cfg.data, num)
-    name = f"site{pid}"
-    policy = Policy(cfg.site.budget_of(pid), cfg.privacy.delta, cfg.site.min_noise_multiplier,
-                    cfg.site.max_noise_multiplier)
-    return Site(name, sites[pid], test.label_names, policy, site_state_root(cfg) / name)
+    name = str(node.get("site", f"site{pid}"))
+    policy = _policy(node, Policy(cfg.site.budget_of(pid), cfg.privacy.delta,
+                                  cfg.site.min_noise_multiplier, cfg.site.max_noise_multiplier))
+    state = Path(node["state-dir"]) if "state-dir" in node else site_state_root(cfg) / name
+    return Site(name, sites[pid], test.label_names, policy, state)
+
+
+def _policy(node: dict, default: Policy) -> Policy:
+    """The node's own policy values where given, else `default`."""
+    return Policy(
+        epsilon_budget=float(node.get("epsilon-budget", default.epsilon_budget)),
+        delta=float(node.get("delta", default.delta)),
+        min_noise_multiplier=float(node.get("min-noise-multiplier",
+                                            default.min_noise_multiplier)),
+        max_noise_multiplier=float(node.get("max-noise-multiplier",
+                                            default.max_noise_multiplier)))
+
+
+def _deployed_site(cfg: Config, node: dict) -> Site:
+    missing = [k for k in ("site", "state-dir", "epsilon-budget") if k not in node]
+    if missing:
+        raise ValueError(f"a hospital's node config must set {', '.join(missing)} "
+                         "(its name, where its keys and ledger live, and its ε budget)")
+    if not cfg.data.labels:
+        raise ValueError("data.labels must list the label names in the run config when "
+                         "hospitals bring their own files")
+    name = str(node["site"])
+    records = _cached(("records", node["data-file"]), lambda: read_records(
+        node["data-file"], str(node.get("text-column", cfg.data.text_column)),
+        str(node.get("label-column", cfg.data.label_column)), cfg.data.labels))
+    policy = _policy(node, Policy(0.0, cfg.privacy.delta, cfg.site.min_noise_multiplier,
+                                  cfg.site.max_noise_multiplier))
+    return Site(name, site_split(records, cfg.data.val_fraction, cfg.data.seed),
+                cfg.data.labels, policy, Path(str(node["state-dir"])))
 
 
 def site_state_root(cfg: Config) -> Path:

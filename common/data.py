@@ -101,7 +101,7 @@ def read_records(path: str | Path, text_column: str, label_column: str,
 
 def _rows(path: Path):
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: spreadsheet exports
         if suffix == ".csv":
             reader = csv.DictReader(handle)
             if reader.fieldnames is None:

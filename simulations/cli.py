@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     from common.certs import register as register_certs
+    from common.predict import register as register_predict
     from common.privacy.audit_cli import register as register_audit
 
+    register_predict(sub)
     register_audit(sub)
     register_certs(sub)
     return parser
