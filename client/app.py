@@ -33,7 +33,9 @@ class SiteClient(NumPyClient):
 
     def evaluate(self, parameters, config):
         set_adapter_arrays(self.trainer.model, parameters)
-        return self.trainer.evaluate()
+        return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
+                                     int(config.get(Keys.NUM_ROUNDS, 0)),
+                                     str(config.get(Keys.RUN_ID, "")))
 
 
 FIT_CONFIG = "fitins.config"  # where Flower's legacy messages keep the FitIns config

@@ -86,7 +86,7 @@ class SiteGuard:
             self.dir / LEDGER_FILE).exists() else ""
 
     def plan(self, run_id: str, run_target: float, q: float, steps_per_round: int,
-             rounds_left: int, max_grad_norm: float) -> PrivateStep:
+             rounds_left: int, max_grad_norm: float, extra_steps: int = 0) -> PrivateStep:
         """σ for this run: fixed at the run's first round so that (a) this run alone
         stays within `run_target` and (b) everything ever released on this dataset
         stays within the budget. Later rounds of the run reuse it from the ledger.
@@ -96,7 +96,7 @@ class SiteGuard:
                     and entry["kind"] == "train"):
                 return PrivateStep(entry["noise_multiplier"], entry["sample_rate"],
                                    steps_per_round, max_grad_norm)
-        total = rounds_left * steps_per_round
+        total = rounds_left * steps_per_round + extra_steps  # extra: personalisation
         p = self.policy
         sigma = max(
             accounting.calibrate_noise([], q, total, run_target, p.delta),
@@ -125,10 +125,12 @@ class SiteGuard:
         }
 
     def record_release(self, run_id: str, round_no: int, step: PrivateStep,
-                       epsilon: float, arrays: Sequence[np.ndarray], secure: bool) -> dict:
-        """Write-ahead: returns only once the entry is on disk; then the update may go."""
+                       epsilon: float, arrays: Sequence[np.ndarray], secure: bool,
+                       kind: str = "train") -> dict:
+        """Write-ahead: returns only once the entry is on disk; then the update may go.
+        kind "personalize": a site's own fine-tune, which stays at the site."""
         return self.ledger.append(self._entry(
-            "train", run_id, round_no, secure,
+            kind, run_id, round_no, secure,
             noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate,
             steps=step.steps, max_grad_norm=step.max_grad_norm, epsilon=epsilon,
             update_sha256=update_digest(arrays)))

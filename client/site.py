@@ -8,6 +8,7 @@ whichever process serves the site.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from common.config import Config
 from common.data import SiteData, federated_data, read_records, site_split
 from common.evaluation import Encoded, encode, evaluate
 from common.keys import Keys
-from common.model import build_model, get_adapter_arrays, load_tokenizer, pick_device
+from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
+                          save_adapter, set_adapter_arrays)
 from common.privacy import accounting
 
 _PROCESS_CACHE: dict = {}
@@ -148,14 +150,7 @@ class SiteTrainer:
             guard = self.guard()
             metrics[Keys.SITE_PUBLIC_KEY] = guard.public_key()
             try:
-                step = guard.plan(run_id, p.target_epsilon,
-                                  accounting.sample_rate(t.batch_size, len(self.train_data)),
-                                  t.local_steps, num_rounds - round_no + 1, p.max_grad_norm)
-                projected = guard.projected(step)
-                if projected > guard.policy.epsilon_budget:
-                    raise accounting.BudgetError(
-                        f"this round would bring ε to {projected:.4g}, above the site's "
-                        f"budget of {guard.policy.epsilon_budget:g}")
+                step = self._plan(guard, run_id, num_rounds - round_no + 1, t.local_steps)
                 accountant = accounting.make_accountant(guard.history())
                 stats = train_private(self.model, self.train_data, step, t.learning_rate,
                                       t.chunk_size, self.device, accountant, gen)
@@ -197,8 +192,68 @@ class SiteTrainer:
         arrays = ([np.zeros_like(a) for a in get_adapter_arrays(self.model)] if secure else [])
         return {"arrays": arrays, "num_examples": 0, "metrics": metrics}
 
-    def evaluate(self) -> tuple[float, int, dict]:
-        m = evaluate(self.model, self.val_data, len(self.site.label_names), self.device)
+    def _plan(self, guard: SiteGuard, run_id: str, rounds_left: int, steps: int):
+        """This release's mechanism, refused (BudgetError) if it would pass the budget."""
+        t, p = self.cfg.train, self.cfg.privacy
+        step = guard.plan(run_id, p.target_epsilon,
+                          accounting.sample_rate(t.batch_size, len(self.train_data)),
+                          t.local_steps, rounds_left, p.max_grad_norm,
+                          extra_steps=t.personalize_steps)
+        step = dataclasses.replace(step, steps=steps)
+        projected = guard.projected(step)
+        if projected > guard.policy.epsilon_budget:
+            raise accounting.BudgetError(
+                f"this release would bring ε to {projected:.4g}, above the site's "
+                f"budget of {guard.policy.epsilon_budget:g}")
+        return step
+
+    def evaluate(self, round_no: int = 0, num_rounds: int = 0,
+                 run_id: str = "") -> tuple[float, int, dict]:
+        """The global model on the site's validation records; after the last round,
+        also the site's personalised copy (when train.personalize_steps > 0)."""
+        m = self._metrics()
         loss = m.pop("loss")
-        m = {k: v for k, v in m.items() if np.isfinite(v)}
-        return loss, len(self.val_data), {Keys.SITE: self.site.name, **m}
+        out = {Keys.SITE: self.site.name, **m}
+        if self.cfg.train.personalize_steps and round_no and round_no == num_rounds:
+            out.update(self.personalize(run_id, round_no))
+        return loss, len(self.val_data), out
+
+    def _metrics(self) -> dict:
+        m = evaluate(self.model, self.val_data, len(self.site.label_names), self.device)
+        return {k: v for k, v in m.items() if np.isfinite(v)}
+
+    def personalize(self, run_id: str, round_no: int) -> dict:
+        """Fine-tune a copy of the global adapter on this site's data, with DP charged
+        to the same budget and ledger; save it at the site; report its metrics."""
+        t, p = self.cfg.train, self.cfg.privacy
+        global_arrays = get_adapter_arrays(self.model)
+        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        out: dict = {}
+        try:
+            if p.enabled:
+                guard = self.guard()
+                try:
+                    step = self._plan(guard, run_id, 0, t.personalize_steps)
+                except accounting.BudgetError as err:
+                    reason = f"{self.site.name} does not personalise: {err}"
+                    guard.record_refusal(run_id, round_no, reason, False)
+                    return {Keys.PERSONALIZED_REFUSED: reason, Keys.LEDGER: guard.ledger_text()}
+                accountant = accounting.make_accountant(guard.history())
+                train_private(self.model, self.train_data, step, t.learning_rate,
+                              t.chunk_size, self.device, accountant, gen)
+                arrays = get_adapter_arrays(self.model)
+                eps = accounting.epsilon(accountant.history, guard.policy.delta)
+                guard.record_release(run_id, round_no, step, eps, arrays, False, "personalize")
+                out.update({Keys.EPSILON: eps, Keys.LEDGER: guard.ledger_text(),
+                            Keys.SITE_PUBLIC_KEY: guard.public_key()})
+            else:
+                train_plain(self.model, self.train_data, t.batch_size, t.personalize_steps,
+                            t.learning_rate, t.chunk_size, self.device, gen)
+            folder = self.site.state_dir / "personalized" / run_id
+            save_adapter(self.model, folder, self.site.label_names, self.cfg.model.base_model)
+            out.update({f"personalized_{k}": v for k, v in self._metrics().items()
+                        if k != "loss"})
+            out[Keys.PERSONALIZED_ADAPTER] = str(folder)
+        finally:
+            set_adapter_arrays(self.model, global_arrays)  # the global model stays global
+        return out

@@ -146,6 +146,9 @@ class TrainConfig:
     chunk_size: int = field(
         default=64, metadata={"help": "Rows per forward pass; a batch is split into chunks."}
     )
+    personalize_steps: int = field(
+        default=0, metadata={"help": "After federation, DP steps each site spends on its "
+                                     "own copy of the global adapter; 0 = off."})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = leave as is."})
 
@@ -155,6 +158,8 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _check(self.chunk_size >= 1, "train.chunk_size", self.chunk_size, ">= 1")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        _check(self.personalize_steps >= 0, "train.personalize_steps",
+               self.personalize_steps, ">= 0")
 
 
 @dataclass(frozen=True)

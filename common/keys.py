@@ -22,3 +22,5 @@ class Keys:
     LEDGER = "ledger"                  # the site's signed privacy ledger (JSONL text)
     SITE_PUBLIC_KEY = "site_public_key"
     SECURE_AGGREGATION = "secure_aggregation"
+    PERSONALIZED_ADAPTER = "personalized_adapter"    # where the site saved its own copy
+    PERSONALIZED_REFUSED = "personalized_refused"

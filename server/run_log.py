@@ -100,11 +100,18 @@ class RunRecorder:
             parts.append(f"no update from {', '.join(refused)}")
         return " | ".join(parts)
 
+    def _personalization(self) -> dict | None:
+        """Per site: the global and the personalised model on the site's own
+        validation records (last round), when sites personalised."""
+        last = self._phase("evaluate", self.cfg.federation.num_rounds)
+        rows = [r for r in last if Keys.PERSONALIZED_ADAPTER in r
+                or Keys.PERSONALIZED_REFUSED in r]
+        return {r[Keys.SITE]: _split_personalized(r) for r in rows} or None
+
     def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
         sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"})
-        epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r["phase"] == "train"
-                           and r[Keys.SITE] == s and r.get(Keys.EPSILON) is not None),
-                          default=None) for s in sites}
+        epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r[Keys.SITE] == s
+                           and r.get(Keys.EPSILON) is not None), default=None) for s in sites}
         bytes_sent = {s: {str(r["round"]): r.get(Keys.BYTES_SENT, 0) for r in self.rows
                           if r["phase"] == "train" and r[Keys.SITE] == s} for s in sites}
         out = {
@@ -117,11 +124,22 @@ class RunRecorder:
             "delta": self.cfg.privacy.delta if self.cfg.privacy.enabled else None,
             "bytes_sent_per_site_per_round": bytes_sent,
             "wall_seconds": round(time.perf_counter() - self.start, 2),
+            "personalization": self._personalization(),
             **(extra or {}),
         }
         (self.dir / "summary.json").write_text(json.dumps(out, indent=2, sort_keys=True))
         self._metrics.close()
         return out
+
+
+def _split_personalized(row: dict) -> dict:
+    names = ("accuracy", "macro_recall", "macro_f1", "macro_auroc", "ece")
+    return {
+        "global": {k: row.get(k) for k in names},
+        "personalized": {k: row.get(f"personalized_{k}") for k in names},
+        "adapter": row.get(Keys.PERSONALIZED_ADAPTER),
+        "refused": row.get(Keys.PERSONALIZED_REFUSED),
+    }
 
 
 def _weighted(rows: list[dict], key: str) -> float:

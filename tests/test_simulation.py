@@ -63,3 +63,26 @@ def test_non_private_run_is_labelled_and_keeps_no_ledger(tiny_model, site_files,
     assert not (run / "ledgers").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["private"] is False for r in rows)
+
+
+def test_personalised_sites_report_both_models_and_pay_from_the_same_budget(
+        tiny_model, site_files, tmp_path):
+    from common.privacy.ledger import read_entries
+
+    cfg = tiny_config(tiny_model, site_files, train={"personalize_steps": 3})
+    run = simulate(cfg, tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    per_site = summary["personalization"]
+    assert set(per_site) == {"site0", "site1"}
+    for site, facts in per_site.items():
+        assert 0 <= facts["global"]["accuracy"] <= 1
+        assert 0 <= facts["personalized"]["accuracy"] <= 1
+        adapter = tmp_path / "run" / "site_state" / site / "personalized"
+        assert (next(adapter.iterdir()) / "adapter_model.safetensors").is_file()
+        entries = read_entries(run / "ledgers" / f"{site}.jsonl")
+        assert [e["kind"] for e in entries] == ["train", "train", "personalize"]
+        assert entries[-1]["steps"] == 3
+        # σ was planned for 2 rounds + personalisation, so all of it fits the target
+        assert entries[-1]["epsilon"] <= cfg.privacy.target_epsilon + 1e-9
+        assert summary["epsilon_per_site"][site] == entries[-1]["epsilon"]
+    assert verify_path(run).ok
