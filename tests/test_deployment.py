@@ -132,8 +132,8 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
     certs = init_certs(tmp_path / "certs", sites=[*BUDGETS, INTRUDER])
     keys = {s.name: s for s in certs.sites}
     model = write_tiny_model(tmp_path / "tiny-bert")
-    test_file = write_records(tmp_path / "server" / "test.csv", 80, seed=99) \
-        if (tmp_path / "server").mkdir() is None else None
+    (tmp_path / "server").mkdir()
+    test_file = write_records(tmp_path / "server" / "test.csv", 80, seed=99)
     hospitals = tmp_path / "hospitals"
     node_configs = {}
     for i, (site, budget) in enumerate(BUDGETS.items()):
@@ -209,8 +209,8 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             supernode(site, keys[site].private_key, certs.ca_cert, pairs)
 
         # --- intruders, started alongside: both must be turned away, quickly --------
-        bad_config = f"site='{INTRUDER}' data-file='/nonexistent.csv' state-dir='/tmp' " \
-                     "epsilon-budget=100.0"
+        bad_config = (f"site='{INTRUDER}' data-file={toml_string(tmp_path / 'x.csv')} "
+                      f"state-dir={toml_string(tmp_path / 'x-state')} epsilon-budget=100.0")
         unregistered = supernode("intruder-unregistered", keys[INTRUDER].private_key,
                                  certs.ca_cert, bad_config, "--max-retries", "2",
                                  "--max-wait-time", "20")
