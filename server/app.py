@@ -28,6 +28,9 @@ from server.run_log import RunRecorder
 from server.strategy import SiteAwareStrategy, weighted_mean
 
 
+ERROR_FILE = "error.txt"
+
+
 class FitWorkflow:
     """The fit step of a round: SecAgg+ or plain, by setting and by sites taking part.
 
@@ -37,8 +40,8 @@ class FitWorkflow:
 
     MIN_SITES = 3
 
-    def __init__(self, fed: FederationConfig, strategy: FedAvg, say) -> None:
-        self.mode, self.strategy, self.say = fed.secure_aggregation, strategy, say
+    def __init__(self, fed: FederationConfig, strategy: FedAvg) -> None:
+        self.mode, self.strategy = fed.secure_aggregation, strategy
         self.secagg = SecAggPlusWorkflow(
             num_shares=1.0, reconstruction_threshold=fed.secagg_threshold,
             max_weight=fed.secagg_max_weight, clipping_range=fed.secagg_clipping_range)
@@ -100,7 +103,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     strategy = SiteAwareStrategy(inner, [a.shape for a in initial], recorder.record)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
-    fit_workflow = FitWorkflow(fed, inner, recorder.say)
+    fit_workflow = FitWorkflow(fed, inner)
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
@@ -129,7 +132,13 @@ def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerA
         config = cfg if cfg is not None else from_run_config(context.run_config)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        run_server(grid, context, config, run_dir or run_dir_for(config, context.run_id))
+        target = run_dir or run_dir_for(config, context.run_id)
+        try:
+            run_server(grid, context, config, target)
+        except Exception as err:  # keep the reason where the operator looks for the run
+            target.mkdir(parents=True, exist_ok=True)
+            (target / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
+            raise
 
     return app
 

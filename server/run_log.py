@@ -94,6 +94,8 @@ class RunRecorder:
             parts.append(f"ε {eps}")
         else:
             parts.append("NON-PRIVATE")
+        if any(r.get(Keys.SECURE_AGGREGATION) for r in self._phase("train", round_no)):
+            parts.append("SecAgg+")
         refused = [r[Keys.SITE] for r in self._phase("train", round_no)
                    if r.get("status") != "accepted"]
         if refused:

@@ -33,7 +33,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     from flwr.simulation import run_simulation
 
     from client.app import build_app as build_client_app
-    from server.app import build_app as build_server_app, run_dir_for
+    from server.app import ERROR_FILE, build_app as build_server_app, run_dir_for
 
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
     cfg = prepare(cfg, run_dir)
@@ -56,6 +56,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
         verbose_logging=verbose,
     )
     if not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; "
-                           "see the log above for the failing site or round")
+        error = run_dir / ERROR_FILE
+        why = error.read_text().strip() if error.is_file() else "see the log above"
+        raise RuntimeError(f"the simulation stopped without a summary in {run_dir}: {why}")
     return run_dir

@@ -86,6 +86,10 @@ def test_ledger_entries_are_signed_and_verify(tiny_model, site_files, tmp_path):
     assert report.ok, report.problems
 
 
+def _count(path: Path) -> int:
+    return len(path.read_text().split()) if path.exists() else 0
+
+
 @pytest.mark.slow
 def test_killed_site_never_shows_less_epsilon_than_it_released(tiny_model, site_files, tmp_path):
     state, out = tmp_path / "state", tmp_path / "out"
@@ -93,18 +97,20 @@ def test_killed_site_never_shows_less_epsilon_than_it_released(tiny_model, site_
     rng = random.Random(7)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for attempt in range(5):
-        (out / "ready").unlink(missing_ok=True)
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.crash_site", str(tiny_model),
              str(site_files["sites"][0]), str(site_files["test"]), str(state), str(out)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.time() + 120
-            while not (out / "ready").exists():
+            # let it release at least one more update, then kill it at a random moment
+            # of a later round (before, during or after training, or mid-append)
+            before = _count(out / "released.txt")
+            deadline = time.time() + 180
+            while _count(out / "released.txt") <= before:
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.time() < deadline, "site process did not start"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.2, 2.5))
+                assert time.time() < deadline, "site process released nothing in 180 s"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.5))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
@@ -113,7 +119,7 @@ def test_killed_site_never_shows_less_epsilon_than_it_released(tiny_model, site_
     released = [h for h in (out / "released.txt").read_text().split()] if (
         out / "released.txt").exists() else []
     entries = [e for e in read_entries(state / "ledger.jsonl") if e["kind"] == "train"]
-    assert released, "no update was released in five attempts: the test proved nothing"
+    assert len(released) >= 5
     recorded = {e["update_sha256"] for e in entries}
     assert set(released) <= recorded  # every update that left was in the ledger first
     true_history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])

@@ -114,3 +114,12 @@ def test_a_site_dropping_out_mid_round_does_not_cost_the_round(tiny_model, tmp_p
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=tol, rtol=0)
     assert summary["test"]["accuracy"] is not None
+
+
+def test_secure_aggregation_on_with_two_sites_stops_instead_of_aggregating_in_the_clear(
+        tiny_model, site_files, tmp_path):
+    cfg = tiny_config(tiny_model, site_files, federation={"num_rounds": 1,
+                                                          "secure_aggregation": "on"})
+    with pytest.raises(RuntimeError, match="only 2 site.*will not aggregate in the clear"):
+        simulate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter").exists()
