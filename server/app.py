@@ -118,9 +118,19 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     summary = recorder.summary(final, {"audit": audit, "secure_aggregation": {
         "setting": fed.secure_aggregation,
         "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}}})
+    for site, facts in sorted((summary.get("personalization") or {}).items()):
+        g, p = facts["global"], facts["personalized"]
+        recorder.say(f"{site}: own validation records — global model accuracy "
+                     f"{_fmt(g['accuracy'])} / macro-F1 {_fmt(g['macro_f1'])}, personalised "
+                     f"{_fmt(p['accuracy'])} / {_fmt(p['macro_f1'])}"
+                     + (f" ({facts['refused']})" if facts.get("refused") else ""))
     recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
                  f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
     return summary
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerApp:

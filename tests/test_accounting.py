@@ -20,7 +20,7 @@ def test_history_in_pieces_equals_history_at_once():
     assert accounting.epsilon([], 1e-5) == 0.0
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(target=st.floats(0.5, 20.0), q=st.floats(0.005, 0.5), steps=st.integers(1, 300),
        prior_steps=st.integers(0, 100))
 def test_calibrated_noise_never_exceeds_the_target(target, q, steps, prior_steps):

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from common.certs import init_certs
+from common.privacy.keys import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.verify import verify_path
 from tests.conftest import LABELS, write_records, write_tiny_model
 
@@ -36,7 +37,7 @@ CONNECTION = "fedcare"
 # site -> its own ε budget; site-c allows less than the run's target of 8
 BUDGETS = {"site-a": 8.0, "site-b": 8.0, "site-c": 5.0}
 INTRUDER = "site-x"  # has a key pair, but the operator never registers it
-RUN_TIMEOUT = 240  # seconds for `flwr run --stream`; the run takes ~60-90 s on 2 cores
+RUN_TIMEOUT = 360  # seconds for `flwr run --stream`; it took 150-225 s on 2 busy cores
 
 
 def free_port() -> int:
@@ -122,6 +123,38 @@ def toml_string(value: str | Path) -> str:
     return f"'{value}'"
 
 
+def write_run_config(path: Path, model: Path, test_file: Path, out_dir: Path) -> Path:
+    """The operator's run config (`flwr run --run-config FILE`): TOML sections are
+    flattened by Flower to the `section.key` names declared in pyproject.toml. Values
+    from tests/conftest.py `tiny_config`, so that two rounds take seconds of training."""
+    path.write_text(f"""\
+[model]
+base_model = {toml_string(model)}   # the same folder must exist at every hospital
+max_length = 16
+[lora]
+r = 2
+alpha = 4
+[data]
+source = "files"                     # each hospital names its file in its node config
+test_file = {toml_string(test_file)} # read by the ServerApp only
+text_column = "note"
+label_column = "diagnosis"
+labels = "{",".join(LABELS)}"
+[train]
+batch_size = 16
+local_steps = 2
+learning_rate = 0.05
+chunk_size = 8
+threads = 1
+[federation]
+num_rounds = 2
+min_sites = 3                        # wait for all three; SecAgg+ is on from 3 sites
+[simulation]
+output_dir = {toml_string(out_dir)}  # absolute: else relative to the SuperLink's cwd
+""")
+    return path
+
+
 def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -135,14 +168,19 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
     (tmp_path / "server").mkdir()
     test_file = write_records(tmp_path / "server" / "test.csv", 80, seed=99)
     hospitals = tmp_path / "hospitals"
+    trusted = tmp_path / "trusted-keys"  # the auditor's: handed over by the hospitals
+    trusted.mkdir()
     node_configs = {}
     for i, (site, budget) in enumerate(BUDGETS.items()):
         home = hospitals / site
         home.mkdir(parents=True)
+        if site != "site-c":  # ledger key made before the run; site-c's at its first round
+            load_or_create_site_key(home / "state")
+            shutil.copy(home / "state" / PUBLIC_KEY_FILE, trusted / f"{site}.pub.pem")
         data = write_records(home / "notes.csv", 120, seed=i, skew=LABELS[i])
         node_configs[site] = {"site": site, "data-file": data, "state-dir": home / "state",
-                              "epsilon-budget": budget, "text-column": "note",
-                              "label-column": "diagnosis"}
+                              "epsilon-budget": budget, "delta": 1e-5,
+                              "text-column": "note", "label-column": "diagnosis"}
     out_dir = tmp_path / "runs"
 
     port = free_port()
@@ -215,13 +253,15 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         timings["registered"] = time.monotonic() - t0
 
         for i, (site, values) in enumerate(node_configs.items()):
-            pairs = " ".join(f"{k}={toml_string(v) if isinstance(v, (str, Path)) else v}"
-                             for k, v in values.items())
-            if i == 0:  # a TOML file works as well as the inline form
+            pairs = [f"{k} = {toml_string(v) if isinstance(v, (str, Path)) else v}"
+                     for k, v in values.items()]
+            if i == 0:  # a TOML file, as a hospital would keep it
                 config_file = hospitals / site / "node-config.toml"
-                config_file.write_text(pairs.replace(" ", "\n") + "\n")
-                pairs = str(config_file)
-            supernode(site, keys[site].private_key, certs.ca_cert, pairs)
+                config_file.write_text("\n".join(pairs) + "\n")
+                node_config = str(config_file)
+            else:  # the inline form
+                node_config = " ".join(p.replace(" = ", "=") for p in pairs)
+            supernode(site, keys[site].private_key, certs.ca_cert, node_config)
 
         for name, (proc, reason) in intruders.items():
             left = 60 - (time.monotonic() - intruders_started)
@@ -234,24 +274,15 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         timings["intruders_rejected"] = time.monotonic() - t0
 
         # --- the operator submits the app ---------------------------------------------
-        run_config = tmp_path / "run-config.toml"
-        run_config.write_text("\n".join([
-            "[model]", f"base_model = {toml_string(model)}", "max_length = 16",
-            "[lora]", "r = 2", "alpha = 4",
-            "[data]", 'source = "files"', f"test_file = {toml_string(test_file)}",
-            'text_column = "note"', 'label_column = "diagnosis"',
-            f'labels = "{",".join(LABELS)}"',
-            "[train]", "batch_size = 16", "local_steps = 2", "learning_rate = 0.05",
-            "chunk_size = 8", "threads = 1",
-            "[federation]", "num_rounds = 2", "min_sites = 3",
-            "[simulation]", f"output_dir = {toml_string(out_dir)}", ""]))
+        run_config = write_run_config(tmp_path / "run-config.toml", model, test_file, out_dir)
         rc = procs.run("flwr-run", [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION,
                                     "--run-config", str(run_config), "--stream"],
                        cwd=tmp_path, timeout=RUN_TIMEOUT)
         timings["run_done"] = time.monotonic() - t0
         assert rc == 0, f"flwr run exited {rc}"
         runs = sorted(out_dir.glob("*/summary.json")) if out_dir.is_dir() else []
-        assert len(runs) == 1, f"expected one run directory with summary.json in {out_dir}"
+        assert len(runs) == 1, (f"no run directory with summary.json in {out_dir}; `flwr run` "
+                                "exits 0 even when the ServerApp fails: see its log below")
         run_dir = runs[0].parent
 
         # --- what the server kept -------------------------------------------------------
@@ -269,14 +300,17 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         PeftModel.from_pretrained(base, str(run_dir / "adapter"))
 
         # --- the auditor: ledgers in the run directory and at each hospital -----------
-        trusted = tmp_path / "trusted-keys"  # handed over by the hospitals, out of band
-        trusted.mkdir()
-        for site in BUDGETS:
+        shutil.copy(hospitals / "site-c" / "state" / PUBLIC_KEY_FILE, trusted / "site-c.pub.pem")
+        for site, budget in BUDGETS.items():
             state = hospitals / site / "state"
-            shutil.copy(state / "site_key.pub.pem", trusted / f"{site}.pub.pem")
             own = verify_path(state / "ledger.jsonl", trusted)
             assert own.ok and own.sites[0].keys_pinned, [p.message for p in own.problems]
-            assert len(own.sites[0].entries) == 2  # two rounds, each a release
+            entries = [json.loads(line) for line in
+                       (state / "ledger.jsonl").read_text().splitlines()]
+            # two releases, masked by SecAgg+, under the node config's budget and δ
+            assert [(e["kind"], e["round"], e["secure_aggregation"], e["epsilon_budget"],
+                     e["delta"]) for e in entries] == [("train", 1, True, budget, 1e-5),
+                                                       ("train", 2, True, budget, 1e-5)]
             assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == \
                 (state / "ledger.jsonl").read_text()
         report = verify_path(run_dir)
@@ -285,6 +319,11 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         assert pinned.ok, [p.message for p in pinned.problems]
         assert sorted(s.site for s in pinned.sites) == sorted(BUDGETS)
         assert all(s.keys_pinned for s in pinned.sites)
+        # pinning means something: swap two sites' keys and the ledgers no longer verify
+        swapped = tmp_path / "swapped-keys"
+        shutil.copytree(trusted, swapped)
+        shutil.copy(trusted / "site-a.pub.pem", swapped / "site-b.pub.pem")
+        assert not verify_path(run_dir, swapped).ok
         timings["checked"] = time.monotonic() - t0
     except BaseException:
         print(procs.tails(), file=sys.stderr)

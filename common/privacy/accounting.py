@@ -59,10 +59,13 @@ def calibrate_noise(prior: History, q: float, steps: int, target_epsilon: float,
         raise BudgetError(
             f"{steps} more steps cannot fit in ε={target_epsilon:.4g} at any noise level "
             f"(already spent ε={spent:.4g} at δ={delta:g})")
-    low, high = 0.0, SIGMA_MAX
+    high = 1.0
+    while eps_at(high) > target_epsilon:  # bracket first: a few doublings, not 20 halvings
+        high *= 2
+    low = high / 2 if high > 1.0 else 0.0
     while high - low > tol * max(1.0, low):
         mid = (low + high) / 2
-        if mid > 0 and eps_at(mid) <= target_epsilon:
+        if eps_at(mid) <= target_epsilon:
             high = mid
         else:
             low = mid
