@@ -1,4 +1,4 @@
-"""ClientApp glue: message in -> SiteTrainer -> message out.
+"""ClientApp glue: message in -> SiteClient (client/site.py) -> message out.
 
 Built on Flower's NumPyClient so that SecAgg+ (which in Flower 1.42 runs only on
 this path) is a mod in front of the same client, switched on by the server.
@@ -7,35 +7,12 @@ this path) is a mod in front of the same client, switched on by the server.
 from __future__ import annotations
 
 from flwr.app import Context
-from flwr.client import ClientApp, NumPyClient
+from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.site import SiteTrainer, site_from_context
 from common.config import Config, from_run_config
 from common.keys import Keys
-from common.model import get_adapter_arrays, set_adapter_arrays
-
-
-class SiteClient(NumPyClient):
-    def __init__(self, trainer: SiteTrainer) -> None:
-        self.trainer = trainer
-
-    def get_parameters(self, config):
-        return get_adapter_arrays(self.trainer.model)
-
-    def fit(self, parameters, config):
-        set_adapter_arrays(self.trainer.model, parameters)
-        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
-                               str(config[Keys.RUN_ID]),
-                               secure=bool(config.get(Keys.SECURE_AGGREGATION, False)))
-        return out["arrays"], out["num_examples"], out["metrics"]
-
-    def evaluate(self, parameters, config):
-        set_adapter_arrays(self.trainer.model, parameters)
-        return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
-                                     int(config.get(Keys.NUM_ROUNDS, 0)),
-                                     str(config.get(Keys.RUN_ID, "")))
 
 
 FIT_CONFIG = "fitins.config"  # where Flower's legacy messages keep the FitIns config
@@ -57,6 +34,11 @@ def build_app(cfg: Config | None = None, mods=()) -> ClientApp:
     `mods` run inside the secure aggregation mod: they see plain, unmasked messages."""
 
     def client_fn(context: Context):
+        # torch, transformers and opacus load here, not at import: a deployed SuperNode
+        # starts a fresh ClientApp process per message, and SecAgg+'s key-exchange
+        # stages never reach the client
+        from client.site import SiteClient, SiteTrainer, site_from_context
+
         config = cfg if cfg is not None else from_run_config(context.run_config)
         site = site_from_context(config, context)
         return SiteClient(SiteTrainer(config, site)).to_client()

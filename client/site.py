@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Context
+from flwr.client import NumPyClient
 
 from client.budget import Policy, SiteGuard
 from client.training import train_plain, train_private
@@ -86,10 +87,11 @@ def _policy(node: dict, default: Policy) -> Policy:
 
 
 def _deployed_site(cfg: Config, node: dict) -> Site:
-    missing = [k for k in ("site", "state-dir", "epsilon-budget") if k not in node]
+    missing = [k for k in ("site", "state-dir", "epsilon-budget", "delta") if k not in node]
     if missing:
         raise ValueError(f"a hospital's node config must set {', '.join(missing)} "
-                         "(its name, where its keys and ledger live, and its ε budget)")
+                         "(its name, where its keys and ledger live, its ε budget and δ: "
+                         "the server's run config never sets a hospital's policy)")
     if not cfg.data.labels:
         raise ValueError("data.labels must list the label names in the run config when "
                          "hospitals bring their own files")
@@ -257,3 +259,26 @@ class SiteTrainer:
         finally:
             set_adapter_arrays(self.model, global_arrays)  # the global model stays global
         return out
+
+
+class SiteClient(NumPyClient):
+    """Flower's view of a site: arrays in, arrays and metrics out."""
+
+    def __init__(self, trainer: SiteTrainer) -> None:
+        self.trainer = trainer
+
+    def get_parameters(self, config):
+        return get_adapter_arrays(self.trainer.model)
+
+    def fit(self, parameters, config):
+        set_adapter_arrays(self.trainer.model, parameters)
+        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
+                               str(config[Keys.RUN_ID]),
+                               secure=bool(config.get(Keys.SECURE_AGGREGATION, False)))
+        return out["arrays"], out["num_examples"], out["metrics"]
+
+    def evaluate(self, parameters, config):
+        set_adapter_arrays(self.trainer.model, parameters)
+        return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
+                                     int(config.get(Keys.NUM_ROUNDS, 0)),
+                                     str(config.get(Keys.RUN_ID, "")))

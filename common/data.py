@@ -221,6 +221,9 @@ def federated_data(cfg: DataConfig, num_sites: int) -> tuple[list[SiteData], Tex
         pool, test = held_out(cfg)
         if pool is not None:
             parts = [pool.subset(p) for p in partition(pool, num_sites, cfg)]
+        elif len(cfg.site_files) != num_sites:
+            raise DataError(f"data.site_files must list one file per simulated site "
+                            f"({num_sites}); it lists {len(cfg.site_files)}")
         else:
             parts = [read_records(p, cfg.text_column, cfg.label_column, cfg.labels)
                      for p in cfg.site_files]

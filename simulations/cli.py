@@ -35,6 +35,17 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_site_init(args) -> int:
+    from common.privacy.keys import load_or_create_site_key, public_key_fingerprint
+
+    state = Path(args.state_dir)
+    key = load_or_create_site_key(state)
+    print(f"site key: {state / 'site_key.pem'} (private, 0600, never leaves this machine)")
+    print(f"public key for the auditor: {state / 'site_key.pub.pem'}")
+    print(f"fingerprint: {public_key_fingerprint(key.public_key())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcare", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", help="write the run here instead of a new timestamped folder")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
+
+    site = sub.add_parser("site", help="a hospital's own state: its ledger signing key")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    init = site_sub.add_parser("init", help="create (or show) the site's ledger signing key")
+    init.add_argument("state_dir", help="the site's state folder (its node config's state-dir)")
+    init.set_defaults(func=cmd_site_init)
 
     from common.certs import register as register_certs
     from common.predict import register as register_predict

@@ -51,7 +51,9 @@ def test_run_config_round_trip_keeps_every_value():
     ({"train": {"device": "tpu"}}, "train.device must be one of ['auto', 'cpu', 'cuda']"),
     ({"privacy": {"enabled": "yes"}}, "privacy.enabled must be true or false"),
     ({"federation": {"num_rounds": 0}}, "federation.num_rounds must be >= 1"),
-    ({"data": {"source": "files"}}, "data.site_files must be one file per site"),
+    ({"data": {"source": "files"}}, "data.labels must be at least two label names"),
+    ({"data": {"source": "files", "labels": ["a", "b"], "site_files": ["x.csv"]}},
+     "simulation.num_sites must equal the number of data.site_files (1) (got 4)"),
     ({"nonsense": {}}, "nonsense is not a known section"),
 ])
 def test_bad_values_name_the_key_and_the_value(data, message):

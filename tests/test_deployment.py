@@ -281,8 +281,10 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         timings["run_done"] = time.monotonic() - t0
         assert rc == 0, f"flwr run exited {rc}"
         runs = sorted(out_dir.glob("*/summary.json")) if out_dir.is_dir() else []
-        assert len(runs) == 1, (f"no run directory with summary.json in {out_dir}; `flwr run` "
-                                "exits 0 even when the ServerApp fails: see its log below")
+        errors = [p.read_text() for p in out_dir.glob("*/error.txt")] if out_dir.is_dir() else []
+        assert len(runs) == 1, (f"no run directory with summary.json in {out_dir} {errors}; "
+                                "`flwr run` exits 0 even when the ServerApp fails: see the "
+                                "flwr-run log below")
         run_dir = runs[0].parent
 
         # --- what the server kept -------------------------------------------------------

@@ -34,6 +34,8 @@ def write_report(path: Path, out_html: Path, out_json: Path,
                  trusted_keys: Path | None = None, tolerance: float = 1e-2) -> dict:
     """Verify `path`, write the HTML page and its JSON twin, and return the JSON facts."""
     data = report_data(verify_path(Path(path), trusted_keys, tolerance))
+    Path(out_html).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps(data, indent=2, ensure_ascii=False,
                                          allow_nan=False) + "\n", encoding="utf-8")
     Path(out_html).write_text(render_html(data), encoding="utf-8")
