@@ -49,10 +49,11 @@ class Site:
     label_names: tuple[str, ...]
     policy: Policy      # the site's own budget: nothing the server sends can raise it
     state_dir: Path     # the site's keys and ledger
+    private: bool = True  # a deployed site trains without DP only if its node config says so
 
 
 NODE_KEYS = ("site", "data-file", "text-column", "label-column", "state-dir", "epsilon-budget",
-             "delta", "min-noise-multiplier", "max-noise-multiplier")
+             "delta", "min-noise-multiplier", "max-noise-multiplier", "private")
 
 
 def site_from_context(cfg: Config, context: Context) -> Site:
@@ -72,7 +73,7 @@ def site_from_context(cfg: Config, context: Context) -> Site:
     policy = _policy(node, Policy(cfg.site.budget_of(pid), cfg.privacy.delta,
                                   cfg.site.min_noise_multiplier, cfg.site.max_noise_multiplier))
     state = Path(node["state-dir"]) if "state-dir" in node else site_state_root(cfg) / name
-    return Site(name, sites[pid], test.label_names, policy, state)
+    return Site(name, sites[pid], test.label_names, policy, state, cfg.privacy.enabled)
 
 
 def _policy(node: dict, default: Policy) -> Policy:
@@ -101,8 +102,11 @@ def _deployed_site(cfg: Config, node: dict) -> Site:
         str(node.get("label-column", cfg.data.label_column)), cfg.data.labels))
     policy = _policy(node, Policy(0.0, cfg.privacy.delta, cfg.site.min_noise_multiplier,
                                   cfg.site.max_noise_multiplier))
+    private = node.get("private", True)
+    if not isinstance(private, bool):
+        raise ValueError(f"node config 'private' must be true or false (got {private!r})")
     return Site(name, site_split(records, cfg.data.val_fraction, cfg.data.seed),
-                cfg.data.labels, policy, Path(str(node["state-dir"])))
+                cfg.data.labels, policy, Path(str(node["state-dir"])), private)
 
 
 def site_state_root(cfg: Config) -> Path:
@@ -138,12 +142,13 @@ class SiteTrainer:
         """Train one round; returns the update, its example count and the metrics.
         A private site that cannot stay within its budget refuses: no update (under
         secure aggregation, a zero update of weight 0, so the masked sum still adds up)."""
-        t, p = self.cfg.train, self.cfg.privacy
+        t = self.cfg.train
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         start = time.perf_counter()
-        metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: p.enabled, Keys.REFUSED: "",
+        metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: self.site.private,
+                         Keys.REFUSED: "",
                          Keys.SECURE_AGGREGATION: secure}
-        if not p.enabled:
+        if not self.site.private:
             stats = train_plain(self.model, self.train_data, t.batch_size, t.local_steps,
                                 t.learning_rate, t.chunk_size, self.device, gen)
             arrays = get_adapter_arrays(self.model)
@@ -227,12 +232,12 @@ class SiteTrainer:
     def personalize(self, run_id: str, round_no: int) -> dict:
         """Fine-tune a copy of the global adapter on this site's data, with DP charged
         to the same budget and ledger; save it at the site; report its metrics."""
-        t, p = self.cfg.train, self.cfg.privacy
+        t = self.cfg.train
         global_arrays = get_adapter_arrays(self.model)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         out: dict = {}
         try:
-            if p.enabled:
+            if self.site.private:
                 guard = self.guard()
                 try:
                     step = self._plan(guard, run_id, 0, t.personalize_steps)

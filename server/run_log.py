@@ -18,6 +18,10 @@ from common.config import Config, dump_yaml
 from common.keys import Keys
 
 
+ALL_SITES = "all"  # the example-weighted mean over sites, written after each evaluation
+METRICS = ("loss", "accuracy", "macro_recall", "macro_f1", "macro_auroc", "ece")
+
+
 def privacy_label(cfg: Config) -> str:
     p = cfg.privacy
     if not p.enabled:
@@ -69,14 +73,23 @@ class RunRecorder:
             row = {"round": round_no, "phase": phase, "wall_seconds": stamp,
                    "private": self.cfg.privacy.enabled,
                    **{k: _clean(v) for k, v in row.items() if not isinstance(v, bytes)}}
-            self.rows.append(row)
-            self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+            self._write(row)
+        if phase == "evaluate" and rows:
+            self._write({"round": round_no, "phase": phase, "wall_seconds": stamp,
+                         "private": self.cfg.privacy.enabled, Keys.SITE: ALL_SITES,
+                         "num_examples": sum(r.get("num_examples", 0) for r in rows),
+                         **{k: _clean(_weighted(rows, k)) for k in METRICS}})
         self._metrics.flush()
         if phase == "evaluate":
             self.say(self.progress_line(round_no))
 
+    def _write(self, row: dict) -> None:
+        self.rows.append(row)
+        self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+
     def _phase(self, phase: str, round_no: int) -> list[dict]:
-        return [r for r in self.rows if r["phase"] == phase and r["round"] == round_no]
+        return [r for r in self.rows if r["phase"] == phase and r["round"] == round_no
+                and r[Keys.SITE] != ALL_SITES]
 
     def progress_line(self, round_no: int) -> str:
         train = [r for r in self._phase("train", round_no) if r.get("status") == "accepted"]
@@ -111,7 +124,8 @@ class RunRecorder:
         return {r[Keys.SITE]: _split_personalized(r) for r in rows} or None
 
     def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
-        sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"})
+        sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"
+                        and r[Keys.SITE] != "?"})
         epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r[Keys.SITE] == s
                            and r.get(Keys.EPSILON) is not None), default=None) for s in sites}
         bytes_sent = {s: {str(r["round"]): r.get(Keys.BYTES_SENT, 0) for r in self.rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from common.config import ConfigError, from_mapping, load_yaml
+from common.config import ConfigError, load_yaml
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 

@@ -126,3 +126,31 @@ def test_killed_site_never_shows_less_epsilon_than_it_released(tiny_model, site_
                     for e in entries if e["update_sha256"] in set(released)]
     assert entries[-1]["epsilon"] >= accounting.epsilon(true_history, 1e-5) - 1e-12
     assert verify_path(state / "ledger.jsonl").ok
+
+
+def _hospital_context(cfg, node: dict):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                   run_config=cfg.to_run_config())
+
+
+def test_the_run_config_cannot_set_a_hospitals_policy_or_switch_off_its_dp(
+        tiny_model, site_files, tmp_path):
+    from client.site import site_from_context
+
+    cfg = tiny_config(tiny_model, site_files, privacy={"enabled": False, "delta": 0.1},
+                      site={"epsilon_budget": 1000.0})
+    node = {"site": "site-a", "data-file": str(site_files["sites"][0]),
+            "text-column": "note", "label-column": "diagnosis",
+            "state-dir": str(tmp_path / "a"), "epsilon-budget": 3.0, "delta": 1e-6}
+    site = site_from_context(cfg, _hospital_context(cfg, node))
+    assert site.private is True  # the server asked for no DP; the hospital did not
+    assert (site.policy.epsilon_budget, site.policy.delta) == (3.0, 1e-6)
+    result = SiteTrainer(cfg, site).fit(1, 1, "run-x")
+    assert result["metrics"]["private"] is True
+    assert 0 < result["metrics"]["epsilon"] <= 3.0
+    for key in ("epsilon-budget", "delta"):
+        with pytest.raises(ValueError, match=f"must set {key}"):
+            site_from_context(cfg, _hospital_context(
+                cfg, {k: v for k, v in node.items() if k != key}))

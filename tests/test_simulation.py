@@ -37,7 +37,12 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     for site in ("site0", "site1"):
         per_round = [r["epsilon"] for r in train if r["site"] == site]
         assert per_round[1] > per_round[0]  # cumulative, not per round
-    assert {r["site"] for r in rows if r["phase"] == "evaluate"} == {"site0", "site1"}
+    assert {r["site"] for r in rows if r["phase"] == "evaluate"} == {"site0", "site1", "all"}
+    for round_no in (1, 2):  # the aggregate is the example-weighted mean of the sites
+        val = {r["site"]: r for r in rows if r["phase"] == "evaluate" and r["round"] == round_no}
+        n0, n1 = val["site0"]["num_examples"], val["site1"]["num_examples"]
+        assert val["all"]["accuracy"] == pytest.approx(
+            (n0 * val["site0"]["accuracy"] + n1 * val["site1"]["accuracy"]) / (n0 + n1))
     assert [r["round"] for r in rows if r["phase"] == "test"] == [2]
 
     config_text = (run / "config.yaml").read_text()
