@@ -2,7 +2,7 @@
 
     fedcare predict RUN_DIR --text "fever and cough for three days"
     fedcare predict RUN_DIR --input notes.csv --text-column note --output out.csv --explain
-    fedcare predict --adapter RUN_DIR/personalized/site-1 --base-model /models/minilm ...
+    fedcare predict --adapter STATE_DIR/personalized/RUN --base-model /models/minilm ...
 
 Each record gets its top-k labels with probabilities; a record whose top probability is
 under --threshold is marked UNSURE (the model does not know; a clinician must decide).
@@ -315,7 +315,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cmd.add_argument("run_dir", nargs="?", type=Path, default=None, metavar="RUN_DIR",
                      help="a run directory from `fedcare simulate` (uses RUN_DIR/adapter)")
     cmd.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                     help="adapter folder to use instead, e.g. RUN_DIR/personalized/SITE")
+                     help="adapter folder to use instead, e.g. a site's STATE_DIR/personalized/RUN")
     cmd.add_argument("--base-model", default=None, metavar="DIR",
                      help="base model folder on this machine (default: the one recorded "
                           "in the adapter's labels.json)")
@@ -422,11 +422,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     model.to(pick_device("auto"))
     print(f"adapter: {folder} ({len(labels)} labels)", file=sys.stderr)
-    personal = folder.parent / "personalized"
-    if args.adapter is None and personal.is_dir():
-        sites = sorted(d.name for d in personal.iterdir() if d.is_dir())
-        print(f"note: this run also has personalized adapters ({', '.join(sites)}); "
-              f"use --adapter {personal}/SITE for one site's", file=sys.stderr)
+    # a simulation keeps each site's personalised adapter in its site state
+    personal = sorted(folder.parent.glob("site_state/*/personalized/*/adapter_config.json"))
+    if args.adapter is None and personal:
+        sites = ", ".join(p.parent.parent.parent.name for p in personal)
+        print(f"note: this run also has personalized adapters ({sites}); use --adapter "
+              f"{personal[0].parent} (for example) for one site's", file=sys.stderr)
     with _progress_bar(len(records)) as progress:
         predictions = predict_records(model, tokenizer, labels, records, top_k=args.top_k,
                                       threshold=args.threshold, batch_size=args.batch_size,

@@ -226,7 +226,7 @@ def test_cli_uses_the_adapter_and_base_model_given(run_dir, tiny_model, tmp_path
     assert "injury" in capsys.readouterr().out
     run = tmp_path / "run"  # RUN_DIR/adapter is used, and the per-site adapters are named
     shutil.copytree(run_dir / "adapter", run / "adapter")
-    (run / "personalized" / "site-a").mkdir(parents=True)
+    shutil.copytree(run_dir / "adapter", run / "site_state" / "site-a" / "personalized" / "r1")
     assert _cli(run, "--text", "femur") == 0
     err = capsys.readouterr().err
     assert f"adapter: {run / 'adapter'}" in err and "personalized adapters (site-a)" in err
