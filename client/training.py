@@ -44,14 +44,11 @@ def _forward_loss(model, data: Encoded, rows, device) -> torch.Tensor:
 def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
                   chunk_size: int, device: torch.device, accountant,
                   generator: torch.Generator,
-                  progress: Callable[[int, float], None] | None = None,
-                  adam_state: dict | None = None) -> TrainStats:
+                  progress: Callable[[int, float], None] | None = None) -> TrainStats:
     """`step.steps` DP-SGD steps on `model`; each step is recorded in `accountant`.
 
     The model's trainable parameters change in place. Per-sample gradient hooks are
     removed before returning, so the model can be wrapped again next round.
-    `adam_state` (Adam's state_dict from an earlier round, updated in place) lets the
-    site's moment estimates carry over; they derive from noised gradients only.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -59,11 +56,8 @@ def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
     n = len(data)
     params = [p for p in model.parameters() if p.requires_grad]
     gsm = GradSampleModule(model, loss_reduction="mean")
-    adam = torch.optim.Adam(params, lr=learning_rate)
-    if adam_state:
-        adam.load_state_dict(adam_state)
     optimizer = DPOptimizer(
-        adam,
+        torch.optim.Adam(params, lr=learning_rate),
         noise_multiplier=step.noise_multiplier, max_grad_norm=step.max_grad_norm,
         expected_batch_size=max(1, round(step.sample_rate * n)), loss_reduction="mean",
         generator=generator,  # noise from the caller's (securely seeded) generator
@@ -87,9 +81,6 @@ def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
                 progress(k + 1, losses[-1])
     finally:
         gsm._close()  # remove hooks and per-sample buffers; model stays as it is
-    if adam_state is not None:
-        adam_state.clear()
-        adam_state.update(adam.state_dict())
     return TrainStats(_mean(losses), step.steps, examples, empty)
 
 
