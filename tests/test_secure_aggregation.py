@@ -123,3 +123,29 @@ def test_secure_aggregation_on_with_two_sites_stops_instead_of_aggregating_in_th
     with pytest.raises(RuntimeError, match="only 2 site.*will not aggregate in the clear"):
         simulate(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_refusing_site_sends_a_weightless_zero_update_and_the_round_goes_on(
+        tiny_model, tmp_path):
+    files = _files(tmp_path, 3)
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": 3,
+                                                     "secure_aggregation": "on",
+                                                     "secagg_max_weight": MAX_WEIGHT},
+                      simulation={"num_sites": 3}, site={"budgets": [8.0, 8.0, 0.1]})
+    run = simulate(cfg, tmp_path / "run", client_mods=[CaptureUpdates(capture)])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["secure_aggregation"]["rounds"] == {"1": True}
+    assert json.loads((capture / "site2.json").read_text())["n"] == 0
+    with np.load(capture / "site2.npz", allow_pickle=False) as zero:
+        assert all(not zero[k].any() for k in zero.files)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    status = {r["site"]: r["status"] for r in rows if r["phase"] == "train"}
+    assert status == {"site0": "accepted", "site1": "accepted", "site2": "refused"}
+    sites = ["site0", "site1"]
+    expected, tol = _weighted_mean(capture, sites), _tolerance(capture, sites)
+    for g, e in zip(_global_adapter(run, tiny_model), expected):
+        np.testing.assert_allclose(g, e, atol=tol, rtol=0)
+    entries = read_entries(run / "ledgers" / "site2.jsonl")
+    assert [e["kind"] for e in entries] == ["refusal"] and entries[0]["secure_aggregation"]
