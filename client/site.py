@@ -22,24 +22,15 @@ from flwr.client import NumPyClient
 from client.budget import Policy, SiteGuard
 from client.training import train_plain, train_private
 from common.config import Config
-from common.data import SiteData, federated_data, read_records, site_split
+from common.data import SiteData, federated_data, process_cached, read_records, site_split
 from common.evaluation import Encoded, encode, evaluate
 from common.keys import Keys
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
                           save_adapter, set_adapter_arrays)
 from common.privacy import accounting
 
-_PROCESS_CACHE: dict = {}
-
-
 class UpdateRangeError(ValueError):
     """The update cannot be sent as it is under the chosen aggregation."""
-
-
-def _cached(key, make):
-    if key not in _PROCESS_CACHE:
-        _PROCESS_CACHE[key] = make()
-    return _PROCESS_CACHE[key]
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,7 @@ def _deployed_site(cfg: Config, node: dict) -> Site:
         raise ValueError("data.labels must list the label names in the run config when "
                          "hospitals bring their own files")
     name = str(node["site"])
-    records = _cached(("records", node["data-file"]), lambda: read_records(
+    records = process_cached(("records", node["data-file"]), lambda: read_records(
         node["data-file"], str(node.get("text-column", cfg.data.text_column)),
         str(node.get("label-column", cfg.data.label_column)), cfg.data.labels))
     policy = _policy(node, Policy(0.0, cfg.privacy.delta, cfg.site.min_noise_multiplier,
@@ -121,15 +112,15 @@ class SiteTrainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
-        self.model = _cached(("model", cfg.model, cfg.lora, len(site.label_names), str(self.device)),
+        self.model = process_cached(("model", cfg.model, cfg.lora, len(site.label_names), str(self.device)),
                              lambda: build_model(cfg.model.base_model, len(site.label_names),
                                                  cfg.lora).to(self.device))
-        tokenizer = _cached(("tokenizer", cfg.model.base_model),
+        tokenizer = process_cached(("tokenizer", cfg.model.base_model),
                             lambda: load_tokenizer(cfg.model.base_model))
-        self.train_data: Encoded = _cached(
+        self.train_data: Encoded = process_cached(
             ("train", site.data.fingerprint, cfg.model),
             lambda: encode(site.data.train, tokenizer, cfg.model.max_length))
-        self.val_data: Encoded = _cached(
+        self.val_data: Encoded = process_cached(
             ("val", site.data.fingerprint, cfg.model),
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
 

@@ -194,7 +194,8 @@ def site_split(ds: TextDataset, val_fraction: float, seed: int) -> SiteData:
 _CACHE: dict = {}
 
 
-def _cached(key, make):
+def process_cached(key, make):
+    """make() once per process for `key` (Ray actors and SuperNodes serve many rounds)."""
     if key not in _CACHE:
         _CACHE[key] = make()
     return _CACHE[key]
@@ -208,7 +209,7 @@ def held_out(cfg: DataConfig) -> tuple[TextDataset | None, TextDataset]:
         if not cfg.test_file:
             raise DataError("data.test_file is required when data.source is 'files'")
         return None, read_records(cfg.test_file, cfg.text_column, cfg.label_column, cfg.labels)
-    return _cached(("held_out", cfg), make)
+    return process_cached(("held_out", cfg), make)
 
 
 def federated_data(cfg: DataConfig, num_sites: int) -> tuple[list[SiteData], TextDataset]:
@@ -229,4 +230,4 @@ def federated_data(cfg: DataConfig, num_sites: int) -> tuple[list[SiteData], Tex
                      for p in cfg.site_files]
         sites = [site_split(part, cfg.val_fraction, cfg.seed + i) for i, part in enumerate(parts)]
         return sites, test
-    return _cached(("federated", cfg, num_sites), make)
+    return process_cached(("federated", cfg, num_sites), make)

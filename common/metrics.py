@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import f1_score, recall_score, roc_auc_score
 
@@ -47,3 +49,18 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
+
+
+def weighted_mean(pairs) -> dict[str, float]:
+    """Example-weighted mean of every numeric value in `pairs` of (n, {name: value}).
+    A site that lacks a value (e.g. no AUROC when it saw one class) is left out of
+    that value's mean rather than counted as 0."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for n, values in pairs:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + n * float(value)
+                weights[key] = weights.get(key, 0.0) + n
+    return {k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0}

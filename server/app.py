@@ -22,10 +22,11 @@ from common.config import Config, FederationConfig, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
 from common.keys import Keys
+from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
                           save_adapter, set_adapter_arrays)
-from server.run_log import RunRecorder
-from server.strategy import SiteAwareStrategy, weighted_mean
+from server.run_log import RunRecorder, format_metric
+from server.strategy import SiteAwareStrategy
 
 
 ERROR_FILE = "error.txt"
@@ -121,16 +122,12 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     for site, facts in sorted((summary.get("personalization") or {}).items()):
         g, p = facts["global"], facts["personalized"]
         recorder.say(f"{site}: own validation records — global model accuracy "
-                     f"{_fmt(g['accuracy'])} / macro-F1 {_fmt(g['macro_f1'])}, personalised "
-                     f"{_fmt(p['accuracy'])} / {_fmt(p['macro_f1'])}"
+                     f"{format_metric(g['accuracy'])} / macro-F1 {format_metric(g['macro_f1'])}, personalised "
+                     f"{format_metric(p['accuracy'])} / {format_metric(p['macro_f1'])}"
                      + (f" ({facts['refused']})" if facts.get("refused") else ""))
     recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
                  f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
     return summary
-
-
-def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerApp:

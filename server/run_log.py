@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.config import Config, dump_yaml
 from common.keys import Keys
+from common.metrics import weighted_mean
 
 
 ALL_SITES = "all"  # the example-weighted mean over sites, written after each evaluation
@@ -78,7 +79,7 @@ class RunRecorder:
             self._write({"round": round_no, "phase": phase, "wall_seconds": stamp,
                          "private": self.cfg.privacy.enabled, Keys.SITE: ALL_SITES,
                          "num_examples": sum(r.get("num_examples", 0) for r in rows),
-                         **{k: _clean(_weighted(rows, k)) for k in METRICS}})
+                         **_weighted(rows, METRICS)})
         self._metrics.flush()
         if phase == "evaluate":
             self.say(self.progress_line(round_no))
@@ -94,11 +95,11 @@ class RunRecorder:
     def progress_line(self, round_no: int) -> str:
         train = [r for r in self._phase("train", round_no) if r.get("status") == "accepted"]
         val = self._phase("evaluate", round_no)
-        loss = _weighted(train, Keys.TRAIN_LOSS)
-        f1 = _weighted(val, "macro_f1")
+        loss = _weighted(train, (Keys.TRAIN_LOSS,))[Keys.TRAIN_LOSS]
+        f1 = _weighted(val, ("macro_f1",))["macro_f1"]
         parts = [f"round {round_no}/{self.cfg.federation.num_rounds}",
                  f"{time.perf_counter() - self.start:6.1f}s",
-                 f"train loss {loss:.3f}", f"val macro-F1 {f1:.3f}"]
+                 f"train loss {format_metric(loss)}", f"val macro-F1 {format_metric(f1)}"]
         if self.cfg.privacy.enabled:
             eps = " ".join(f"{r[Keys.SITE]}={r[Keys.EPSILON]:.2f}"
                            for r in sorted(self._phase("train", round_no),
@@ -158,7 +159,11 @@ def _split_personalized(row: dict) -> dict:
     }
 
 
-def _weighted(rows: list[dict], key: str) -> float:
-    pairs = [(r.get("num_examples", 1), r[key]) for r in rows if r.get(key) is not None]
-    total = sum(n for n, _ in pairs)
-    return sum(n * v for n, v in pairs) / total if total else math.nan
+def format_metric(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _weighted(rows: list[dict], keys) -> dict:
+    """Example-weighted means of `keys` over site rows (None where no site has one)."""
+    means = weighted_mean([(r.get("num_examples", 1), r) for r in rows])
+    return {k: means.get(k) for k in keys}

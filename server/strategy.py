@@ -106,12 +106,3 @@ class SiteAwareStrategy(Strategy):
             rows.append(row)
         self.record("evaluate", server_round, rows)
         return self.inner.aggregate_evaluate(server_round, results, failures)
-
-
-def weighted_mean(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of every numeric metric the sites report."""
-    total = sum(n for n, _ in metrics)
-    keys = {k for _, m in metrics for k, v in m.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {k: float(sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total)
-            for k in sorted(keys)} if total else {}
