@@ -85,30 +85,29 @@ class SiteGuard:
         return (self.dir / LEDGER_FILE).read_text(encoding="utf-8") if (
             self.dir / LEDGER_FILE).exists() else ""
 
-    def plan(self, run_id: str, run_target: float, q: float, steps_per_round: int,
-             rounds_left: int, max_grad_norm: float, extra_steps: int = 0) -> PrivateStep:
-        """σ for this run: fixed at the run's first round so that (a) this run alone
-        stays within `run_target` and (b) everything ever released on this dataset
-        stays within the budget. Later rounds of the run reuse it from the ledger.
-        Raises BudgetError when no noise level up to the site's maximum fits."""
+    def plan(self, run_id: str, run_target: float, schedule: accounting.Schedule) -> float:
+        """σ for this run: fixed at the run's first round so that (a) this run's whole
+        `schedule` of (sample rate, steps) alone stays within `run_target` and (b)
+        everything ever released on this dataset stays within the budget. Later rounds
+        of the run reuse it from the ledger. Raises BudgetError when no noise level up
+        to the site's maximum fits."""
         for entry in reversed(self.ledger.entries()):
             if (entry["run_id"] == run_id and entry["data_fingerprint"] == self.fingerprint
                     and entry["kind"] == "train"):
-                return PrivateStep(entry["noise_multiplier"], entry["sample_rate"],
-                                   steps_per_round, max_grad_norm)
-        total = rounds_left * steps_per_round + extra_steps  # extra: personalisation
+                return float(entry["noise_multiplier"])
         p = self.policy
         sigma = max(
-            accounting.calibrate_noise([], q, total, run_target, p.delta),
-            accounting.calibrate_noise(self.history(), q, total, p.epsilon_budget, p.delta),
+            accounting.calibrate_noise([], schedule, run_target, p.delta),
+            accounting.calibrate_noise(self.history(), schedule, p.epsilon_budget, p.delta),
             p.min_noise_multiplier,
         )
         if sigma > p.max_noise_multiplier:
+            total = sum(n for _, n in schedule)
             raise accounting.BudgetError(
                 f"fitting {total} more steps in what is left of the budget "
                 f"(spent ε={self.spent():.4g} of {p.epsilon_budget:g}) needs noise σ={sigma:.3g}, "
                 f"above the site's max_noise_multiplier {p.max_noise_multiplier:g}")
-        return PrivateStep(sigma, q, steps_per_round, max_grad_norm)
+        return sigma
 
     def projected(self, step: PrivateStep) -> float:
         return accounting.epsilon(

@@ -8,7 +8,6 @@ whichever process serves the site.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 
 from client.budget import Policy, SiteGuard
-from client.training import train_plain, train_private
+from client.training import PrivateStep, train_plain, train_private
 from common.config import Config
 from common.data import SiteData, federated_data, process_cached, read_records, site_split
 from common.evaluation import Encoded, encode, evaluate
@@ -193,11 +192,10 @@ class SiteTrainer:
     def _plan(self, guard: SiteGuard, run_id: str, rounds_left: int, steps: int):
         """This release's mechanism, refused (BudgetError) if it would pass the budget."""
         t, p = self.cfg.train, self.cfg.privacy
-        step = guard.plan(run_id, p.target_epsilon,
-                          accounting.sample_rate(t.batch_size, len(self.train_data)),
-                          t.local_steps, rounds_left, p.max_grad_norm,
-                          extra_steps=t.personalize_steps)
-        step = dataclasses.replace(step, steps=steps)
+        q = accounting.sample_rate(t.batch_size, len(self.train_data))
+        schedule = [(q, rounds_left * t.local_steps + t.personalize_steps)]
+        sigma = guard.plan(run_id, p.target_epsilon, schedule)
+        step = PrivateStep(sigma, q, steps, p.max_grad_norm)
         projected = guard.projected(step)
         if projected > guard.policy.epsilon_budget:
             raise accounting.BudgetError(

@@ -31,6 +31,11 @@ class ModelConfig:
         metadata={"help": "Local Hugging Face model folder, or the embedded MiniLM."},
     )
     max_length: int = field(default=64, metadata={"help": "Tokens kept per record."})
+    pooling: Literal["mean", "cls"] = field(
+        default="mean",
+        metadata={"help": "How the encoder is read: attention-masked mean over tokens "
+                          "(what sentence encoders such as MiniLM are trained for) or the "
+                          "first token through the model's pooler (BERT's CLS)."})
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "model.max_length", self.max_length, ">= 8")
@@ -98,6 +103,11 @@ class PrivacyConfig:
     target_epsilon: float = field(default=8.0, metadata={"help": "Per-site epsilon for this run."})
     delta: float = field(default=1e-5, metadata={"help": "Per-site delta."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
+    accountant: Literal["prv", "rdp"] = field(
+        default="prv",
+        metadata={"help": "How ε is computed for calibration, budget checks and ledger "
+                          "claims: Opacus's PRV accountant (tight, an upper bound within its "
+                          "stated error) or RDP (looser)."})
 
     def __post_init__(self) -> None:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
@@ -141,6 +151,16 @@ class TrainConfig:
     batch_size: int = field(default=256, metadata={"help": "Expected (Poisson) batch size."})
     local_steps: int = field(default=4, metadata={"help": "Optimizer steps per site per round."})
     learning_rate: float = field(default=3e-2, metadata={"help": "Adam step size."})
+    head_rounds: int = field(
+        default=0,
+        metadata={"help": "The first N rounds train only the classification head, on "
+                          "features the frozen encoder computes once per site (same DP-SGD "
+                          "mechanism, a fraction of the cost); later rounds train LoRA + head."})
+    head_steps: int = field(default=100, metadata={"help": "Optimizer steps per head round."})
+    head_batch_size: int = field(
+        default=512, metadata={"help": "Expected (Poisson) batch size of a head round."})
+    head_learning_rate: float = field(
+        default=1e-2, metadata={"help": "Adam step size of a head round."})
     chunk_size: int = field(
         default=64, metadata={"help": "Rows per forward pass; a batch is split into chunks."}
     )
@@ -154,6 +174,11 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, ">= 1")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(self.head_rounds >= 0, "train.head_rounds", self.head_rounds, ">= 0")
+        _check(self.head_steps >= 1, "train.head_steps", self.head_steps, ">= 1")
+        _check(self.head_batch_size >= 1, "train.head_batch_size", self.head_batch_size, ">= 1")
+        _check(self.head_learning_rate > 0, "train.head_learning_rate",
+               self.head_learning_rate, "> 0")
         _check(self.chunk_size >= 1, "train.chunk_size", self.chunk_size, ">= 1")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
         _check(self.personalize_steps >= 0, "train.personalize_steps",
@@ -177,6 +202,15 @@ class FederationConfig:
         default=8.0, metadata={"help": "Update values must lie in +-this to be quantised."})
     secagg_max_weight: float = field(
         default=10_000.0, metadata={"help": "Example counts above this are capped in SecAgg+."})
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = field(
+        default="fedavg",
+        metadata={"help": "How the server applies the round's average to the global adapter "
+                          "(Flower's FedAvg, FedAvgM or FedAdam); it acts on the aggregate, "
+                          "so it works under secure aggregation."})
+    server_learning_rate: float = field(
+        default=1.0, metadata={"help": "Server step size (fedavgm, fedadam); 1 with fedavg."})
+    server_momentum: float = field(
+        default=0.9, metadata={"help": "fedavgm: momentum; fedadam: beta_1."})
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
@@ -191,6 +225,10 @@ class FederationConfig:
                self.secagg_clipping_range, "> 0")
         _check(self.secagg_max_weight >= 1, "federation.secagg_max_weight",
                self.secagg_max_weight, ">= 1")
+        _check(self.server_learning_rate > 0, "federation.server_learning_rate",
+               self.server_learning_rate, "> 0")
+        _check(0 <= self.server_momentum < 1, "federation.server_momentum",
+               self.server_momentum, "in [0, 1)")
 
 
 @dataclass(frozen=True)

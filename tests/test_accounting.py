@@ -27,10 +27,10 @@ def test_calibrated_noise_never_exceeds_the_target(target, q, steps, prior_steps
     prior = [(2.0, q, prior_steps)] if prior_steps else []
     if accounting.epsilon(prior, 1e-5) >= target:
         with pytest.raises(accounting.BudgetError):
-            accounting.calibrate_noise(prior, q, steps, target, 1e-5)
+            accounting.calibrate_noise(prior, [(q, steps)], target, 1e-5)
         return
     try:
-        sigma = accounting.calibrate_noise(prior, q, steps, target, 1e-5)
+        sigma = accounting.calibrate_noise(prior, [(q, steps)], target, 1e-5)
     except accounting.BudgetError:
         return  # legitimately impossible: refusing is the safe answer
     assert accounting.epsilon([*prior, (sigma, q, steps)], 1e-5) <= target
@@ -38,10 +38,14 @@ def test_calibrated_noise_never_exceeds_the_target(target, q, steps, prior_steps
     assert accounting.epsilon([*prior, (sigma * 0.98, q, steps)], 1e-5) > target or sigma < 0.05
 
 
-def test_minimum_noise_is_respected():
-    assert accounting.calibrate_noise([], 0.05, 10, 50.0, 1e-5, min_noise=3.0) == 3.0
+def test_a_schedule_of_segments_is_calibrated_as_a_whole():
+    schedule = [(0.1, 200), (0.05, 16)]
+    sigma = accounting.calibrate_noise([], schedule, 8.0, 1e-5)
+    history = [(sigma, q, n) for q, n in schedule]
+    assert accounting.epsilon(history, 1e-5) <= 8.0
+    assert sigma > accounting.calibrate_noise([], schedule[1:], 8.0, 1e-5)
 
 
 def test_spent_budget_refuses_with_a_reason():
     with pytest.raises(accounting.BudgetError, match="already spent"):
-        accounting.calibrate_noise([(0.5, 0.5, 1000)], 0.05, 10, 1.0, 1e-5)
+        accounting.calibrate_noise([(0.5, 0.5, 1000)], [(0.05, 10)], 1.0, 1e-5)

@@ -44,15 +44,20 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
-def calibrate_noise(prior: History, q: float, steps: int, target_epsilon: float,
-                    delta: float, min_noise: float = 0.0, tol: float = 1e-3) -> float:
-    """Smallest noise multiplier (within `tol`) so that prior + `steps` new steps
-    at rate `q` stay within `target_epsilon`. Raises BudgetError if none does."""
-    if not 0 < q <= 1:
-        raise BudgetError(f"sample rate must be in (0, 1] (got {q})")
+Schedule = Sequence[tuple[float, int]]  # (sample_rate, steps) segments, all at one σ
+
+
+def calibrate_noise(prior: History, schedule: Schedule, target_epsilon: float,
+                    delta: float, tol: float = 1e-3) -> float:
+    """Smallest noise multiplier (within `tol`) so that prior + every segment of
+    `schedule` at that σ stays within `target_epsilon`. Raises BudgetError if none does."""
+    for q, _ in schedule:
+        if not 0 < q <= 1:
+            raise BudgetError(f"sample rate must be in (0, 1] (got {q})")
+    steps = sum(n for _, n in schedule)
 
     def eps_at(sigma: float) -> float:
-        return epsilon([*prior, (sigma, q, steps)], delta)
+        return epsilon([*prior, *((sigma, q, n) for q, n in schedule)], delta)
 
     if eps_at(SIGMA_MAX) > target_epsilon:
         spent = epsilon(prior, delta)
@@ -69,4 +74,4 @@ def calibrate_noise(prior: History, q: float, steps: int, target_epsilon: float,
             high = mid
         else:
             low = mid
-    return max(high, min_noise)
+    return high
