@@ -1,7 +1,8 @@
 """ServerApp main: config -> strategy -> workflow -> run directory.
 
-One path for every mode: Flower's legacy `DefaultWorkflow` with a FedAvg wrapped by
-`SiteAwareStrategy`. Secure aggregation swaps only the fit workflow.
+One path for every mode: Flower's legacy `DefaultWorkflow` with a FedAvg, FedAvgM or
+FedAdam (server/optimizer.py) wrapped by `SiteAwareStrategy`. Secure aggregation swaps
+only the fit workflow.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common.keys import Keys
 from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
                           save_adapter, set_adapter_arrays)
+from server.optimizer import build_strategy, describe
 from server.run_log import RunRecorder, format_metric
 from server.strategy import SiteAwareStrategy
 
@@ -91,7 +93,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     def round_config(server_round: int) -> dict:
         return {Keys.ROUND: server_round, Keys.NUM_ROUNDS: fed.num_rounds, Keys.RUN_ID: run_id}
 
-    inner = FedAvg(
+    inner = build_strategy(
+        fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
         fraction_fit=fed.fraction_train, fraction_evaluate=1.0,
         min_fit_clients=fed.min_sites, min_evaluate_clients=fed.min_sites,
         min_available_clients=fed.min_sites,
@@ -118,7 +121,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
                  "problems": sum(len(site["problems"]) for site in report["sites"])}
     summary = recorder.summary(final, {"audit": audit, "secure_aggregation": {
         "setting": fed.secure_aggregation,
-        "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}}})
+        "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}},
+        "server_optimizer": describe(inner)})
     for site, facts in sorted((summary.get("personalization") or {}).items()):
         g, p = facts["global"], facts["personalized"]
         recorder.say(f"{site}: own validation records — global model accuracy "

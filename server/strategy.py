@@ -1,4 +1,4 @@
-"""Aggregation of adapter updates: Flower's FedAvg, wrapped.
+"""Aggregation of adapter updates: a Flower strategy (FedAvg, FedAvgM, FedAdam), wrapped.
 
 `SiteAwareStrategy` wraps any `flwr.server.strategy.Strategy` and adds what a
 hospital federation needs around it: an update is checked before it can touch the
@@ -6,6 +6,13 @@ average (shape, finite values, plausible example count) and rejected whole if ba
 refusals are kept out of the average but recorded; every site's metrics reach the
 run's recorder. It works the same under SecAgg+, where the inner strategy only
 ever receives the secure sum.
+
+A round with nothing to aggregate leaves the global adapter and the inner strategy
+untouched. Server optimisers count their steps by the `server_round` they are given
+(FedAvgM starts its momentum at 1, FedAdam corrects its bias by it), so the inner
+strategy is given the number of the step it takes, not the round's. The global
+adapter keeps the dtypes it started with (Flower's optimisers and SecAgg+ return
+float64, twice the bytes on the wire).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar,
-                         parameters_to_ndarrays)
+                         ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -37,12 +44,17 @@ class SiteAwareStrategy(Strategy):
         self.shapes = [tuple(s) for s in shapes]
         self.record = record
         self.max_examples = max_examples
+        self.steps = 0  # server steps taken: rounds whose aggregate moved the adapter
+        self.dtypes: list[np.dtype] | None = None
 
     def __repr__(self) -> str:
         return f"SiteAwareStrategy({self.inner!r})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.inner.initialize_parameters(client_manager)
+        initial = self.inner.initialize_parameters(client_manager)
+        if initial is not None:
+            self.dtypes = [a.dtype for a in parameters_to_ndarrays(initial)]
+        return initial
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -94,7 +106,15 @@ class SiteAwareStrategy(Strategy):
             log.warning("round %s: no update to aggregate; the global adapter is unchanged",
                         server_round)
             return None, {}
-        return self.inner.aggregate_fit(server_round, accepted, [])
+        parameters, metrics = self.inner.aggregate_fit(self.steps + 1, accepted, [])
+        if parameters is None:
+            return None, metrics
+        self.steps += 1
+        if self.dtypes is not None:
+            arrays = parameters_to_ndarrays(parameters)
+            parameters = ndarrays_to_parameters(
+                [a.astype(d, copy=False) for a, d in zip(arrays, self.dtypes)])
+        return parameters, metrics
 
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
