@@ -8,10 +8,13 @@ whichever process serves the site.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,10 +25,10 @@ from client.budget import Policy, SiteGuard
 from client.training import PrivateStep, train_plain, train_private
 from common.config import Config
 from common.data import SiteData, federated_data, process_cached, read_records, site_split
-from common.evaluation import Encoded, encode, evaluate
+from common.evaluation import Encoded, Features, encode, evaluate, pooled_features
 from common.keys import Keys
-from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
-                          save_adapter, set_adapter_arrays)
+from common.model import (build_model, classifier_of, get_adapter_arrays, load_tokenizer,
+                          pick_device, save_adapter, set_adapter_arrays, trainable_head)
 from common.privacy import accounting
 
 class UpdateRangeError(ValueError):
@@ -103,6 +106,15 @@ def site_state_root(cfg: Config) -> Path:
     return Path(cfg.site.state_dir or Path(cfg.simulation.output_dir) / "site_state")
 
 
+@dataclass(frozen=True)
+class Phase:
+    """What a round trains and how: the head on cached features, or LoRA + head."""
+    name: Literal["head", "lora"]
+    batch_size: int
+    steps: int
+    learning_rate: float
+
+
 class SiteTrainer:
     """The work of a round at one site."""
 
@@ -111,11 +123,12 @@ class SiteTrainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
-        self.model = process_cached(("model", cfg.model, cfg.lora, len(site.label_names), str(self.device)),
-                             lambda: build_model(cfg.model.base_model, len(site.label_names),
-                                                 cfg.lora).to(self.device))
+        self.model = process_cached(
+            ("model", cfg.model, cfg.lora, len(site.label_names), str(self.device)),
+            lambda: build_model(cfg.model.base_model, len(site.label_names), cfg.lora,
+                                cfg.model.pooling).to(self.device))
         tokenizer = process_cached(("tokenizer", cfg.model.base_model),
-                            lambda: load_tokenizer(cfg.model.base_model))
+                                   lambda: load_tokenizer(cfg.model.base_model))
         self.train_data: Encoded = process_cached(
             ("train", site.data.fingerprint, cfg.model),
             lambda: encode(site.data.train, tokenizer, cfg.model.max_length))
@@ -127,29 +140,59 @@ class SiteTrainer:
         return SiteGuard(self.site.name, self.site.state_dir, self.site.data.fingerprint,
                          self.site.policy)
 
+    def phase(self, round_no: int) -> Phase:
+        """Rounds 1..train.head_rounds train the head only; later rounds LoRA + head."""
+        t = self.cfg.train
+        if round_no <= t.head_rounds:
+            return Phase("head", t.head_batch_size, t.head_steps, t.head_learning_rate)
+        return Phase("lora", t.batch_size, t.local_steps, t.learning_rate)
+
+    def features(self, data: Encoded) -> Features:
+        """Pooled features of `data` under the current encoder (base + LoRA), computed
+        once per encoder state and kept in the site's state folder, which only the site
+        reads: Flower may serve a site from a different process every round."""
+        classifier = classifier_of(self.model)
+        key = hashlib.sha256()
+        for part in (repr((self.cfg.model, len(data))), *map(repr, data.ids)):
+            key.update(part.encode())
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and "lora_" in name:  # the encoder's trainable state
+                key.update(param.detach().cpu().numpy().tobytes())
+        path = self.site.state_dir / "features" / f"{key.hexdigest()[:32]}.safetensors"
+        return process_cached(("features", str(path)), lambda: _load_or_make_features(
+            path, data, lambda: pooled_features(classifier, data, self.device)))
+
+    def _rows_and_module(self, phase: Phase):
+        if phase.name == "head":
+            return self.features(self.train_data), trainable_head(self.model)
+        return self.train_data, self.model
+
     # -- rounds ----------------------------------------------------------------------
     def fit(self, round_no: int, num_rounds: int, run_id: str, secure: bool = False) -> dict:
         """Train one round; returns the update, its example count and the metrics.
         A private site that cannot stay within its budget refuses: no update (under
         secure aggregation, a zero update of weight 0, so the masked sum still adds up)."""
         t = self.cfg.train
+        phase = self.phase(round_no)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         start = time.perf_counter()
         metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: self.site.private,
                          Keys.REFUSED: "",
                          Keys.SECURE_AGGREGATION: secure}
         if not self.site.private:
-            stats = train_plain(self.model, self.train_data, t.batch_size, t.local_steps,
-                                t.learning_rate, t.chunk_size, self.device, gen)
+            data, module = self._rows_and_module(phase)
+            stats = train_plain(module, data, phase.batch_size, phase.steps,
+                                phase.learning_rate, t.chunk_size, self.device, gen)
             arrays = get_adapter_arrays(self.model)
             self._check_range(arrays, secure)
         else:
             guard = self.guard()
             metrics[Keys.SITE_PUBLIC_KEY] = guard.public_key()
             try:
-                step = self._plan(guard, run_id, num_rounds - round_no + 1, t.local_steps)
+                step = self._plan(guard, run_id, round_no, num_rounds, phase)
+                data, module = self._rows_and_module(phase)
                 accountant = accounting.make_accountant(guard.history())
-                stats = train_private(self.model, self.train_data, step, t.learning_rate,
+                stats = train_private(module, data, step, phase.learning_rate,
                                       t.chunk_size, self.device, accountant, gen)
                 arrays = get_adapter_arrays(self.model)
                 self._check_range(arrays, secure)
@@ -189,13 +232,25 @@ class SiteTrainer:
         arrays = ([np.zeros_like(a) for a in get_adapter_arrays(self.model)] if secure else [])
         return {"arrays": arrays, "num_examples": 0, "metrics": metrics}
 
-    def _plan(self, guard: SiteGuard, run_id: str, rounds_left: int, steps: int):
+    def schedule(self, round_no: int, num_rounds: int) -> accounting.Schedule:
+        """(sample rate, steps) of everything this run will still release from
+        `round_no` on: its head rounds, its LoRA rounds and the personalisation."""
+        t, n = self.cfg.train, len(self.train_data)
+        head = [self.phase(r) for r in range(round_no, num_rounds + 1)]
+        last = self.phase(num_rounds)
+        plan: dict[float, int] = {}
+        for p in [*head, dataclasses.replace(last, steps=t.personalize_steps)]:
+            q = accounting.sample_rate(p.batch_size, n)
+            plan[q] = plan.get(q, 0) + p.steps
+        return [(q, steps) for q, steps in plan.items() if steps > 0]
+
+    def _plan(self, guard: SiteGuard, run_id: str, round_no: int, num_rounds: int,
+              phase: Phase) -> PrivateStep:
         """This release's mechanism, refused (BudgetError) if it would pass the budget."""
-        t, p = self.cfg.train, self.cfg.privacy
-        q = accounting.sample_rate(t.batch_size, len(self.train_data))
-        schedule = [(q, rounds_left * t.local_steps + t.personalize_steps)]
-        sigma = guard.plan(run_id, p.target_epsilon, schedule)
-        step = PrivateStep(sigma, q, steps, p.max_grad_norm)
+        p = self.cfg.privacy
+        sigma = guard.plan(run_id, p.target_epsilon, self.schedule(round_no, num_rounds))
+        step = PrivateStep(sigma, accounting.sample_rate(phase.batch_size, len(self.train_data)),
+                           phase.steps, p.max_grad_norm)
         projected = guard.projected(step)
         if projected > guard.policy.epsilon_budget:
             raise accounting.BudgetError(
@@ -211,17 +266,20 @@ class SiteTrainer:
         loss = m.pop("loss")
         out = {Keys.SITE: self.site.name, **m}
         if self.cfg.train.personalize_steps and round_no and round_no == num_rounds:
-            out.update(self.personalize(run_id, round_no))
+            out.update(self.personalize(run_id, round_no, num_rounds))
         return loss, len(self.val_data), out
 
     def _metrics(self) -> dict:
-        m = evaluate(self.model, self.val_data, len(self.site.label_names), self.device)
+        m = evaluate(trainable_head(self.model), self.features(self.val_data),
+                     len(self.site.label_names), self.device)
         return {k: v for k, v in m.items() if np.isfinite(v)}
 
-    def personalize(self, run_id: str, round_no: int) -> dict:
+    def personalize(self, run_id: str, round_no: int, num_rounds: int) -> dict:
         """Fine-tune a copy of the global adapter on this site's data, with DP charged
-        to the same budget and ledger; save it at the site; report its metrics."""
+        to the same budget and ledger; save it at the site; report its metrics. It
+        trains like the run's last round (head only, or LoRA + head)."""
         t = self.cfg.train
+        phase = dataclasses.replace(self.phase(num_rounds), steps=t.personalize_steps)
         global_arrays = get_adapter_arrays(self.model)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         out: dict = {}
@@ -229,13 +287,14 @@ class SiteTrainer:
             if self.site.private:
                 guard = self.guard()
                 try:
-                    step = self._plan(guard, run_id, 0, t.personalize_steps)
+                    step = self._plan(guard, run_id, num_rounds + 1, num_rounds, phase)
                 except accounting.BudgetError as err:
                     reason = f"{self.site.name} does not personalise: {err}"
                     guard.record_refusal(run_id, round_no, reason, False)
                     return {Keys.PERSONALIZED_REFUSED: reason, Keys.LEDGER: guard.ledger_text()}
+                data, module = self._rows_and_module(phase)
                 accountant = accounting.make_accountant(guard.history())
-                train_private(self.model, self.train_data, step, t.learning_rate,
+                train_private(module, data, step, phase.learning_rate,
                               t.chunk_size, self.device, accountant, gen)
                 arrays = get_adapter_arrays(self.model)
                 eps = accounting.epsilon(accountant.history, guard.policy.delta)
@@ -243,16 +302,33 @@ class SiteTrainer:
                 out.update({Keys.EPSILON: eps, Keys.LEDGER: guard.ledger_text(),
                             Keys.SITE_PUBLIC_KEY: guard.public_key()})
             else:
-                train_plain(self.model, self.train_data, t.batch_size, t.personalize_steps,
-                            t.learning_rate, t.chunk_size, self.device, gen)
+                data, module = self._rows_and_module(phase)
+                train_plain(module, data, phase.batch_size, phase.steps,
+                            phase.learning_rate, t.chunk_size, self.device, gen)
             folder = self.site.state_dir / "personalized" / run_id
-            save_adapter(self.model, folder, self.site.label_names, self.cfg.model.base_model)
+            save_adapter(self.model, folder, self.site.label_names, self.cfg.model.base_model,
+                         self.cfg.model.max_length)
             out.update({f"personalized_{k}": v for k, v in self._metrics().items()
                         if k != "loss"})
             out[Keys.PERSONALIZED_ADAPTER] = str(folder)
         finally:
             set_adapter_arrays(self.model, global_arrays)  # the global model stays global
         return out
+
+
+def _load_or_make_features(path: Path, data: Encoded, make) -> Features:
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        x = load_file(str(path))["x"]
+        if x.shape[0] == len(data):
+            return Features(x, data.labels)
+    feats = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({"x": feats.x.contiguous()}, str(partial))
+    partial.replace(path)  # whole or absent: never a half-written file
+    return feats
 
 
 class SiteClient(NumPyClient):

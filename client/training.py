@@ -1,21 +1,26 @@
 """The training loops of a site: DP-SGD, and the non-private baseline.
 
 Private steps are Opacus DP-SGD: Poisson sampling at rate q, per-example clipping
-to C, Gaussian noise σ·C, accounted by an RDP accountant that continues the site's
+to C, Gaussian noise σ·C, accounted by an accountant that continues the site's
 history. A Poisson batch is run as length-sorted chunks (Opacus virtual steps), so
 one optimizer step = one sampled batch = one accounted step.
+
+The same loops train either the whole classifier on token ids (LoRA + head) or, in a
+head round, only the head on pooled features the frozen encoder computed once: the
+mechanism (sampling, clipping, noise, accounting) is the same; only the cost differs.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from common.evaluation import Encoded, chunks, collate
+from common.evaluation import Encoded, Features
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,14 @@ class TrainStats:
     empty_batches: int
 
 
-def _forward_loss(model, data: Encoded, rows, device) -> torch.Tensor:
-    ids, mask, labels = collate(data, rows, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return F.cross_entropy(logits, labels)
+Rows = Encoded | Features  # token ids for the whole classifier, or features for the head
 
 
-def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
+def _forward_loss(model, data: Rows, rows, device) -> torch.Tensor:
+    return F.cross_entropy(data.logits(model, rows, device), data.labels[list(rows)].to(device))
+
+
+def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
                   chunk_size: int, device: torch.device, accountant,
                   generator: torch.Generator,
                   progress: Callable[[int, float], None] | None = None) -> TrainStats:
@@ -55,6 +61,8 @@ def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
 
     n = len(data)
     params = [p for p in model.parameters() if p.requires_grad]
+    # a head fed features has no input that needs a gradient; torch says so every step
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     gsm = GradSampleModule(model, loss_reduction="mean")
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=learning_rate),
@@ -84,14 +92,14 @@ def train_private(model, data: Encoded, step: PrivateStep, learning_rate: float,
     return TrainStats(_mean(losses), step.steps, examples, empty)
 
 
-def private_batch(gsm, optimizer, data: Encoded, rows: Sequence[int], chunk_size: int,
+def private_batch(gsm, optimizer, data: Rows, rows: Sequence[int], chunk_size: int,
                   device: torch.device) -> float:
     """One DP-SGD step on the sampled `rows`, run as chunks; returns the mean loss.
 
     Every chunk but the last only clips and accumulates (a skipped "virtual" step);
     the last adds noise once, scales by the expected batch size, and steps.
     """
-    pieces = chunks(data, rows, chunk_size)
+    pieces = data.pieces(rows, chunk_size)
     total = 0.0
     for j, piece in enumerate(pieces):
         loss = _forward_loss(gsm, data, piece, device)
@@ -103,7 +111,7 @@ def private_batch(gsm, optimizer, data: Encoded, rows: Sequence[int], chunk_size
     return total / len(rows)
 
 
-def train_plain(model, data: Encoded, batch_size: int, steps: int, learning_rate: float,
+def train_plain(model, data: Rows, batch_size: int, steps: int, learning_rate: float,
                 chunk_size: int, device: torch.device, generator: torch.Generator,
                 max_grad_norm: float = 1.0) -> TrainStats:
     """Non-private baseline: uniform batches without replacement, no noise."""
@@ -117,7 +125,7 @@ def train_plain(model, data: Encoded, batch_size: int, steps: int, learning_rate
         batch, order = order[:batch_size], order[batch_size:]
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for rows in chunks(data, batch, chunk_size):
+        for rows in data.pieces(batch, chunk_size):
             loss = _forward_loss(model, data, rows, device) * (len(rows) / len(batch))
             loss.backward()
             total += loss.item()

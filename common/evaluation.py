@@ -22,6 +22,52 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def pieces(self, rows: Sequence[int], size: int) -> list[list[int]]:
+        return chunks(self, rows, size)
+
+    def logits(self, model, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """(B, K) from the whole classifier: token ids in, logits out."""
+        ids, mask, _ = collate(self, rows, device)
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@dataclass(frozen=True)
+class Features:
+    """Pooled encoder outputs of a dataset, computed once while the encoder is frozen:
+    a round that trains only the head reads these instead of running the encoder."""
+    x: torch.Tensor       # (N, H) float32
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pieces(self, rows: Sequence[int], size: int) -> list[list[int]]:
+        rows = list(rows)
+        return [rows[k: k + size] for k in range(0, len(rows), size)]
+
+    def logits(self, head, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """(B, K) from the head alone."""
+        return head(self.x[list(rows)].to(device))
+
+
+@torch.no_grad()
+def pooled_features(classifier, data: Encoded, device: torch.device,
+                    batch_size: int = 256) -> Features:
+    """`classifier.features` of every record (eval mode: no dropout), in data order."""
+    was_training = classifier.training
+    classifier.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    x = None
+    for k in range(0, len(order), batch_size):
+        rows = order[k: k + batch_size]
+        ids, mask, _ = collate(data, rows, device)
+        pooled = classifier.features(ids, mask).float().cpu()  # (B, H)
+        if x is None:
+            x = torch.empty((len(data), pooled.shape[1]), dtype=torch.float32)
+        x[rows] = pooled
+    classifier.train(was_training)
+    return Features(x if x is not None else torch.empty((0, 0)), data.labels)
+
 
 def encode(ds: TextDataset, tokenizer, max_length: int) -> Encoded:
     out = tokenizer(list(ds.texts), truncation=True, max_length=max_length)
@@ -47,24 +93,26 @@ def chunks(data: Encoded, rows: Sequence[int], size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def predict_probs(model, data: Encoded, device: torch.device,
+def predict_probs(model, data: Encoded | Features, device: torch.device,
                   batch_size: int = 256) -> np.ndarray:
-    """(N, C) softmax probabilities, in the order of `data`."""
+    """(N, C) softmax probabilities, in the order of `data` (`model` is the whole
+    classifier for token ids, the head for features)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
-    out: list[np.ndarray | None] = [None] * len(data)
-    for k in range(0, len(order), batch_size):
-        rows = order[k: k + batch_size]
-        ids, mask, _ = collate(data, rows, device)
-        probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        for row, p in zip(rows, probs.cpu().numpy()):
-            out[row] = p
+    rows = list(range(len(data)))
+    if isinstance(data, Encoded):
+        rows.sort(key=lambda i: len(data.ids[i]))
+    out = np.zeros((len(data), 0), dtype=np.float32)
+    for piece in data.pieces(rows, batch_size):
+        probs = torch.softmax(data.logits(model, piece, device).float(), -1).cpu().numpy()
+        if out.shape[1] == 0:
+            out = np.zeros((len(data), probs.shape[1]), dtype=np.float32)
+        out[piece] = probs
     model.train(was_training)
-    return np.stack(out)
+    return out
 
 
-def evaluate(model, data: Encoded, num_classes: int, device: torch.device) -> dict[str, float]:
+def evaluate(model, data: Encoded | Features, num_classes: int, device: torch.device) -> dict[str, float]:
     probs = predict_probs(model, data, device)
     labels = data.labels.numpy()
     metrics = classification_metrics(probs, labels, num_classes)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from common.config import EMBEDDED_MODEL, LoraConfig
 
@@ -43,29 +44,91 @@ def load_tokenizer(base_model: str):
     return AutoTokenizer.from_pretrained(resolve_base_model(base_model))
 
 
-def build_model(base_model: str, num_labels: int, lora: LoraConfig, seed: int = 0):
-    """A PEFT model whose only trainable parameters are LoRA A/B and the head."""
-    from transformers import AutoModelForSequenceClassification
+class PooledClassifier(torch.nn.Module):
+    """Encoder -> pooling -> linear head: the classifier every site trains.
+
+    (B, T) token ids -> (B, T, H) hidden states -> (B, H) pooled -> (B, K) logits.
+    `mean`: the attention-masked mean over tokens, as sentence encoders (MiniLM) are
+    trained to be read; `cls`: the first token through the encoder's pooler when it
+    has one (BERT's CLS), else the first token's hidden state.
+    """
+
+    def __init__(self, encoder, num_labels: int, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ModelError(f"model.pooling must be 'mean' or 'cls' (got {pooling!r})")
+        self.encoder, self.pooling = encoder, pooling
+        self.config = encoder.config  # PEFT, predict and explain read model.config
+        self.config.num_labels = num_labels
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def features(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
+        """(B, H) pooled representation of each record (from ids, or from embeddings
+        when explain attributes through them)."""
+        if attention_mask is None:
+            shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+            device = (input_ids if inputs_embeds is None else inputs_embeds).device
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        out = self.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                           attention_mask=attention_mask)
+        if self.pooling == "cls":
+            pooled = getattr(out, "pooler_output", None)
+            return pooled if pooled is not None else out.last_hidden_state[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **_):
+        pooled = self.features(input_ids, attention_mask, inputs_embeds)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+    def get_input_embeddings(self):
+        return self.encoder.get_input_embeddings()
+
+
+def build_base(base_model: str, num_labels: int, pooling: str = "mean",
+               seed: int = 0) -> PooledClassifier:
+    """The base classifier: the pretrained encoder and a new head, no adapters yet."""
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.set_verbosity_error()  # unused pretraining heads are expected here
+    encoder = AutoModel.from_pretrained(resolve_base_model(base_model))
     torch.manual_seed(seed)  # the head's initial weights are the same on every site
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_base_model(base_model), num_labels=num_labels
-    )
-    return wrap_with_lora(base, lora)
+    return PooledClassifier(encoder, num_labels, pooling)
 
 
-def wrap_with_lora(base, lora: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+def build_model(base_model: str, num_labels: int, lora: LoraConfig, pooling: str = "mean",
+                seed: int = 0):
+    """A PEFT model whose only trainable parameters are LoRA A/B and the head."""
+    return wrap_with_lora(build_base(base_model, num_labels, pooling, seed), lora)
+
+
+def wrap_with_lora(base: PooledClassifier, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     peft_cfg = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), modules_to_save=["classifier"],
     )
     model = get_peft_model(base, peft_cfg)
     model.train()  # Opacus needs train mode to record activations
     return model
+
+
+def classifier_of(model) -> PooledClassifier:
+    """The PooledClassifier inside a PEFT model (or the model itself)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, PooledClassifier):
+        raise ModelError(f"expected a fedcare classifier, got {type(inner).__name__}")
+    return inner
+
+
+def trainable_head(model) -> torch.nn.Linear:
+    """The head's trainable copy (PEFT's modules_to_save), as a plain Linear."""
+    head = classifier_of(model).classifier
+    active = getattr(head, "modules_to_save", None)
+    return active[head.active_adapter if isinstance(head.active_adapter, str)
+                  else head.active_adapters[0]] if active is not None else head
 
 
 def trainable_names(model) -> list[str]:
@@ -95,30 +158,37 @@ def set_adapter_arrays(model, arrays: Sequence[np.ndarray]) -> None:
 
 
 def save_adapter(model, directory: str | Path, label_names: Sequence[str],
-                 base_model: str) -> Path:
-    """PEFT format (adapter_config.json + adapter_model.safetensors) plus labels.json."""
+                 base_model: str, max_length: int) -> Path:
+    """PEFT format (adapter_config.json + adapter_model.safetensors) plus labels.json,
+    which records all that rebuilds the classifier: labels, base model, pooling and the
+    token length the model was trained with."""
     directory = Path(directory)
     model.save_pretrained(str(directory), safe_serialization=True)
     (directory / LABELS_FILE).write_text(json.dumps(
-        {"labels": list(label_names), "base_model": base_model}, indent=2))
+        {"labels": list(label_names), "base_model": base_model,
+         "pooling": classifier_of(model).pooling, "max_length": int(max_length)}, indent=2))
     return directory
 
 
-def load_adapter(directory: str | Path, base_model: str | None = None):
-    """(model in eval mode, tokenizer, label names) from a saved adapter folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
+def read_adapter_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     meta_path = directory / LABELS_FILE
     if not (directory / "adapter_config.json").is_file() or not meta_path.is_file():
         raise ModelError(f"{directory} is not a fedcare adapter folder "
                          f"(needs adapter_config.json and {LABELS_FILE})")
     meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
+        raise ModelError(f"{meta_path} must hold a JSON object with a 'labels' list")
+    return meta
+
+
+def load_adapter(directory: str | Path, base_model: str | None = None):
+    """(model in eval mode, tokenizer, label names) from a saved adapter folder."""
+    from peft import PeftModel
+
+    meta = read_adapter_meta(directory)
     base_model = base_model or meta["base_model"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_base_model(base_model), num_labels=len(meta["labels"])
-    )
+    base = build_base(base_model, len(meta["labels"]), meta.get("pooling", "mean"))
     model = PeftModel.from_pretrained(base, str(directory))
     model.eval()
     return model, load_tokenizer(base_model), tuple(meta["labels"])

@@ -25,7 +25,7 @@ from common.evaluation import encode, evaluate
 from common.keys import Keys
 from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
-                          save_adapter, set_adapter_arrays)
+                          save_adapter, set_adapter_arrays, trainable_names)
 from server.optimizer import build_strategy, describe
 from server.run_log import RunRecorder, format_metric
 from server.strategy import SiteAwareStrategy
@@ -72,7 +72,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     run_id = run_dir.name
     _, test = held_out(cfg.data)
     device = pick_device(cfg.train.device)
-    model = build_model(cfg.model.base_model, len(test.label_names), cfg.lora).to(device)
+    model = build_model(cfg.model.base_model, len(test.label_names), cfg.lora,
+                        cfg.model.pooling).to(device)
     tokenizer = load_tokenizer(cfg.model.base_model)
     initial = get_adapter_arrays(model)
     test_data = encode(test, tokenizer, cfg.model.max_length)
@@ -104,14 +105,18 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
         fit_metrics_aggregation_fn=weighted_mean,
         evaluate_metrics_aggregation_fn=weighted_mean,
     )
-    strategy = SiteAwareStrategy(inner, [a.shape for a in initial], recorder.record)
+    encoder_arrays = [i for i, name in enumerate(trainable_names(model)) if "lora_" in name]
+    strategy = SiteAwareStrategy(
+        inner, [a.shape for a in initial], recorder.record,
+        frozen=lambda r: encoder_arrays if r <= cfg.train.head_rounds else ())
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
     fit_workflow = FitWorkflow(fed, inner)
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
-    save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model)
+    save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model,
+                 cfg.model.max_length)
     audit = None
     if cfg.privacy.enabled and (run_dir / "ledgers").is_dir():
         from common.privacy.report import write_report

@@ -13,6 +13,11 @@ untouched. Server optimisers count their steps by the `server_round` they are gi
 strategy is given the number of the step it takes, not the round's. The global
 adapter keeps the dtypes it started with (Flower's optimisers and SecAgg+ return
 float64, twice the bytes on the wire).
+
+Arrays that no site may change in a round (`frozen(round)`: the LoRA tensors of a
+head round) are kept exactly as they were sent, before the inner strategy sees the
+results and after it returns: SecAgg+'s quantisation and float averaging would
+otherwise nudge them, and a site's cached encoder features would go stale.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ SiteRows = Callable[[str, int, list[dict]], None]  # (phase, round, rows)
 
 class SiteAwareStrategy(Strategy):
     def __init__(self, inner: Strategy, shapes: Sequence[tuple[int, ...]],
-                 record: SiteRows, max_examples: int = 10_000_000) -> None:
+                 record: SiteRows, max_examples: int = 10_000_000,
+                 frozen: Callable[[int], Sequence[int]] = lambda _round: ()) -> None:
         if not shapes:
             raise ValueError("shapes must list the adapter tensors (got none); "
                              "without them no update can be checked")
@@ -46,6 +52,8 @@ class SiteAwareStrategy(Strategy):
         self.max_examples = max_examples
         self.steps = 0  # server steps taken: rounds whose aggregate moved the adapter
         self.dtypes: list[np.dtype] | None = None
+        self.frozen = frozen
+        self.sent: dict[int, list[np.ndarray]] = {}  # round -> the global adapter sent
 
     def __repr__(self) -> str:
         return f"SiteAwareStrategy({self.inner!r})"
@@ -58,7 +66,18 @@ class SiteAwareStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        if self.frozen(server_round):
+            self.sent = {server_round: parameters_to_ndarrays(parameters)}
         return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def _keep_frozen(self, server_round: int, parameters: Parameters) -> Parameters:
+        frozen = self.frozen(server_round)
+        if not frozen:
+            return parameters
+        sent, arrays = self.sent[server_round], parameters_to_ndarrays(parameters)
+        for i in frozen:
+            arrays[i] = sent[i].astype(arrays[i].dtype)
+        return ndarrays_to_parameters(arrays)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -98,6 +117,7 @@ class SiteAwareStrategy(Strategy):
                     log.warning("round %s: update of %s rejected: %s",
                                 server_round, row[Keys.SITE], problem)
                 else:
+                    res.parameters = self._keep_frozen(server_round, res.parameters)
                     accepted.append((proxy, res))
             rows.append(row)
         rows += [{Keys.SITE: "?", "status": f"failed: {f!r}"[:300]} for f in failures]
@@ -110,6 +130,7 @@ class SiteAwareStrategy(Strategy):
         if parameters is None:
             return None, metrics
         self.steps += 1
+        parameters = self._keep_frozen(server_round, parameters)
         if self.dtypes is not None:
             arrays = parameters_to_ndarrays(parameters)
             parameters = ndarrays_to_parameters(

@@ -157,7 +157,7 @@ output_dir = {toml_string(out_dir)}  # absolute: else relative to the SuperLink'
 
 def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from common.model import build_base
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -297,8 +297,7 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         assert summary["audit"]["verified"] is True
         assert 0.0 <= summary["test"]["accuracy"] <= 1.0
 
-        base = AutoModelForSequenceClassification.from_pretrained(str(model),
-                                                                  num_labels=len(LABELS))
+        base = build_base(str(model), len(LABELS))
         PeftModel.from_pretrained(base, str(run_dir / "adapter"))
 
         # --- the auditor: ledgers in the run directory and at each hospital -----------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.config import LoraConfig
-from common.model import (ModelError, build_model, get_adapter_arrays, load_adapter,
+from common.model import (ModelError, build_base, build_model, get_adapter_arrays, load_adapter,
                           load_tokenizer, save_adapter, set_adapter_arrays, trainable_names)
 
 LABELS = ("a", "b", "c")
@@ -49,12 +49,11 @@ def test_bad_updates_are_rejected_whole(model):
 
 def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(model, tiny_model, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     rng = np.random.default_rng(0)
     set_adapter_arrays(model, [rng.normal(0, 0.5, a.shape).astype(np.float32)
                                for a in get_adapter_arrays(model)])
-    out = save_adapter(model, tmp_path / "adapter", LABELS, str(tiny_model))
+    out = save_adapter(model, tmp_path / "adapter", LABELS, str(tiny_model), 16)
     assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
@@ -64,8 +63,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(model,
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3)
-    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    plain = PeftModel.from_pretrained(build_base(str(tiny_model), 3), str(out)).eval()
     with torch.no_grad():
         got = plain(**batch).logits
     torch.testing.assert_close(got, expected)
@@ -78,3 +76,58 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(model,
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="not a local Hugging Face model folder"):
         build_model(str(tmp_path), 2, LoraConfig())
+
+
+def _batch(tiny_model, texts):
+    return load_tokenizer(str(tiny_model))(texts, padding=True, return_tensors="pt")
+
+
+def test_mean_pooling_is_the_attention_masked_mean_of_the_encoder(tiny_model):
+    from common.model import classifier_of
+
+    model = build_model(str(tiny_model), 3, LoraConfig(r=2)).eval()
+    batch = _batch(tiny_model, ["fever", "rash skin itch femur cough"])  # row 0 is padded
+    inner = classifier_of(model)
+    with torch.no_grad():
+        hidden = inner.encoder(**batch).last_hidden_state  # (B, T, H)
+        pooled = inner.features(batch["input_ids"], batch["attention_mask"])
+        mask = batch["attention_mask"]
+        for row in range(2):
+            length = int(mask[row].sum())
+            torch.testing.assert_close(pooled[row], hidden[row, :length].mean(0))
+        # padding never changes a record's prediction
+        alone = model(**_batch(tiny_model, ["fever"])).logits
+        torch.testing.assert_close(model(**batch).logits[0], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_cls_pooling_reads_the_encoder_pooler(tiny_model):
+    from common.model import classifier_of
+
+    model = build_model(str(tiny_model), 3, LoraConfig(r=2), pooling="cls").eval()
+    batch = _batch(tiny_model, ["fever cough", "rash"])
+    inner = classifier_of(model)
+    with torch.no_grad():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        torch.testing.assert_close(inner.features(ids, mask),
+                                   inner.encoder(input_ids=ids, attention_mask=mask).pooler_output)
+    with pytest.raises(ModelError, match="model.pooling"):
+        build_model(str(tiny_model), 3, LoraConfig(r=2), pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_adapter_folder_records_what_rebuilds_the_classifier(tiny_model, tmp_path, pooling):
+    import json
+
+    model = build_model(str(tiny_model), 3, LoraConfig(r=2), pooling=pooling)
+    rng = np.random.default_rng(1)
+    set_adapter_arrays(model, [rng.normal(0, 0.5, a.shape).astype(np.float32)
+                               for a in get_adapter_arrays(model)])
+    out = save_adapter(model, tmp_path / "a", LABELS, str(tiny_model), 16)
+    meta = json.loads((out / "labels.json").read_text())
+    assert meta == {"labels": list(LABELS), "base_model": str(tiny_model),
+                    "pooling": pooling, "max_length": 16}
+    batch = _batch(tiny_model, ["fever cough", "rash"])
+    model.eval()
+    reloaded, _, _ = load_adapter(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)

@@ -46,10 +46,11 @@ def _files(root: Path, sites: int) -> dict:
 
 def _global_adapter(run: Path, tiny_model: Path) -> list[np.ndarray]:
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=4)
-    model = PeftModel.from_pretrained(base, str(run / "adapter"), is_trainable=True)
+    from common.model import build_base
+
+    model = PeftModel.from_pretrained(build_base(str(tiny_model), 4), str(run / "adapter"),
+                                      is_trainable=True)
     return get_adapter_arrays(model)
 
 

@@ -254,3 +254,28 @@ def test_fedadam_under_secagg_takes_the_server_step_on_the_secure_mean(tiny_mode
         np.testing.assert_allclose(g, e, atol=tol, rtol=0)
     moved = max(float(np.abs(g - m).max()) for g, m in zip(got, mean))
     assert moved > 100 * tol  # FedAdam's step, visibly not FedAvg's mean
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("shape", [plain_results, secagg_results])
+def test_arrays_frozen_in_a_round_come_back_exactly_as_sent(name, shape):
+    """A head round must not move the LoRA tensors: quantisation and float averaging
+    would nudge them, and every site's cached encoder features would go stale."""
+    rng = np.random.default_rng(3)
+    initial = _arrays(rng)
+    inner = build_strategy(name, 0.05, 0.9, initial_parameters=ndarrays_to_parameters(initial))
+    strategy = SiteAwareStrategy(inner, SHAPES, lambda *row: None,
+                                 frozen=lambda r: [0] if r == 1 else [])
+    strategy.initialize_parameters(client_manager=None)
+    manager = SimpleNamespace(num_available=lambda: 3, wait_for=lambda *a, **k: True,
+                              sample=lambda *a, **k: [])
+    strategy.configure_fit(1, ndarrays_to_parameters(initial), manager)
+    updates = {s: [initial[0] + 1e-4 * rng.standard_normal(SHAPES[0]).astype(np.float32),
+                   _arrays(rng)[1]] for s in COUNTS}
+    params, _ = strategy.aggregate_fit(1, shape(updates), [])
+    out = parameters_to_ndarrays(params)
+    assert np.array_equal(out[0], initial[0])  # bit for bit
+    assert not np.allclose(out[1], initial[1])  # the head moved
+    strategy.configure_fit(2, params, manager)  # round 2 freezes nothing
+    params, _ = strategy.aggregate_fit(2, shape(updates), [])
+    assert not np.array_equal(parameters_to_ndarrays(params)[0], initial[0])

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_files, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from common.model import build_base
 
     cfg = tiny_config(tiny_model, site_files, site={"budgets": [8.0, 6.0]})
     run = simulate(cfg, tmp_path / "run")
@@ -48,8 +48,7 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     config_text = (run / "config.yaml").read_text()
     assert "target_epsilon: 8.0" in config_text and "site_state" in config_text
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model),
-                                                              num_labels=len(LABELS))
+    base = build_base(str(tiny_model), len(LABELS))
     PeftModel.from_pretrained(base, str(run / "adapter"))
     assert (run / "audit_report.html").is_file()
     assert verify_path(run).ok

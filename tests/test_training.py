@@ -121,3 +121,68 @@ def test_epsilon_accumulates_across_rounds_like_one_accountant(tiny_model, site_
     # σ was planned so that both rounds together fit the target, not one round each
     assert eps[1] <= cfg.privacy.target_epsilon + 1e-6
     assert eps[1] > 0.9 * cfg.privacy.target_epsilon
+
+
+def test_a_head_round_trains_the_head_on_cached_features_and_leaves_lora_alone(
+        tiny_model, site_files, tmp_path):
+    cfg = tiny_config(tiny_model, site_files, train={"head_rounds": 1, "head_steps": 3,
+                                                      "head_batch_size": 32})
+    ds = read_records(site_files["sites"][0], "note", "diagnosis", LABELS)
+    site = Site("site0", site_split(ds, 0.1, 0), LABELS, Policy(8.0, 1e-5), tmp_path / "s0")
+    trainer = SiteTrainer(cfg, site)
+    assert trainer.phase(1).name == "head" and trainer.phase(2).name == "lora"
+    before = _params(trainer.model)
+    trainer.fit(1, 2, "run-h")
+    after = _params(trainer.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("classifier" in n for n in changed)
+    assert len(list((tmp_path / "s0" / "features").glob("*.safetensors"))) == 1  # train
+    trainer.evaluate()
+    assert len(list((tmp_path / "s0" / "features").glob("*.safetensors"))) == 2  # + val
+    # the cached features are the classifier's own pooled outputs
+    from common.evaluation import pooled_features
+    from common.model import classifier_of
+    fresh = pooled_features(classifier_of(trainer.model), trainer.train_data, DEVICE)
+    torch.testing.assert_close(trainer.features(trainer.train_data).x, fresh.x)
+    # the ledger holds the head round at its own sampling rate, planned with the LoRA round
+    history = trainer.guard().history()
+    n = len(trainer.train_data)
+    assert history == [(history[0][0], 32 / n, 3)]
+    assert trainer.schedule(1, 2) == [(32 / n, 3), (cfg.train.batch_size / n,
+                                                    cfg.train.local_steps)]
+    trainer.fit(2, 2, "run-h")
+    history = trainer.guard().history()
+    assert [(q, s) for _, q, s in history] == [(32 / n, 3),
+                                               (cfg.train.batch_size / n, cfg.train.local_steps)]
+    assert history[0][0] == history[1][0]  # one σ for the whole run
+    eps = accounting.epsilon(history, cfg.privacy.delta)
+    assert 0.9 * cfg.privacy.target_epsilon < eps <= cfg.privacy.target_epsilon + 1e-6
+
+
+def test_head_dp_step_clips_per_example_gradients_of_the_head(setup):
+    """On features, a σ=0 DP step with SGD(lr=1) moves the head by -Σ clip(g_i)/E[B]."""
+    from common.evaluation import pooled_features
+    from common.model import classifier_of, trainable_head
+
+    model, data = setup
+    feats = pooled_features(classifier_of(model), data, DEVICE)
+    head = trainable_head(model)
+    rows, clip, expected = list(range(8)), 0.05, 10
+    manual = [torch.zeros_like(p) for p in head.parameters()]
+    for row in rows:
+        head.zero_grad()
+        F.cross_entropy(head(feats.x[[row]]), feats.labels[[row]]).backward()
+        grads = [p.grad.clone() for p in head.parameters()]
+        factor = min(1.0, clip / (torch.sqrt(sum((g ** 2).sum() for g in grads)).item() + 1e-6))
+        for m, g in zip(manual, grads):
+            m += g * factor
+    head.zero_grad()
+    before = [p.detach().clone() for p in head.parameters()]
+    gsm = GradSampleModule(head, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD(list(head.parameters()), lr=1.0),
+                            noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=expected, loss_reduction="mean")
+    private_batch(gsm, optimizer, feats, rows, chunk_size=3, device=DEVICE)
+    gsm._close()
+    for p, b, m in zip(head.parameters(), before, manual):
+        torch.testing.assert_close(b - p.detach(), m / expected, atol=1e-6, rtol=1e-4)
