@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
@@ -146,8 +145,8 @@ def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerA
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = cfg if cfg is not None else from_run_config(context.run_config)
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+        # train.threads is the sites' setting: the server evaluates the global model
+        # while the sites wait, so it keeps torch's default of every core
         target = run_dir or run_dir_for(config, context.run_id)
         try:
             run_server(grid, context, config, target)

@@ -134,7 +134,7 @@ def test_a_refusing_site_sends_a_weightless_zero_update_and_the_round_goes_on(
     cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": 3,
                                                      "secure_aggregation": "on",
                                                      "secagg_max_weight": MAX_WEIGHT},
-                      simulation={"num_sites": 3}, site={"budgets": [8.0, 8.0, 0.1]})
+                      simulation={"num_sites": 3}, site={"budgets": [8.0, 8.0, 0.01]})
     run = simulate(cfg, tmp_path / "run", client_mods=[CaptureUpdates(capture)])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["secure_aggregation"]["rounds"] == {"1": True}
