@@ -44,6 +44,7 @@ class RunRecorder:
         self.cfg, self.out = cfg, out
         self.start = time.perf_counter()
         self.rows: list[dict] = []
+        self.warned: set[str] = set()
         (self.dir / "config.yaml").write_text(dump_yaml(cfg))
         self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
         self.say(f"fedcare run {self.dir} — {privacy_label(cfg)}")
@@ -71,6 +72,9 @@ class RunRecorder:
             ledger, key = row.pop(Keys.LEDGER, None), row.pop(Keys.SITE_PUBLIC_KEY, "")
             if ledger is not None and Keys.SITE in row:
                 self.store_ledger(str(row[Keys.SITE]), str(ledger), str(key))
+                if phase == "train":
+                    row.update(_budget_facts(str(ledger), self.dir.name))
+                    self._say_prior_spending(row)
             row = {"round": round_no, "phase": phase, "wall_seconds": stamp,
                    "private": self.cfg.privacy.enabled,
                    **{k: _clean(v) for k, v in row.items() if not isinstance(v, bytes)}}
@@ -101,11 +105,16 @@ class RunRecorder:
                  f"{time.perf_counter() - self.start:6.1f}s",
                  f"train loss {format_metric(loss)}", f"val macro-F1 {format_metric(f1)}"]
         if self.cfg.privacy.enabled:
+            rows = sorted(self._phase("train", round_no), key=lambda r: r[Keys.SITE])
+            sigmas = sorted({round(r[Keys.NOISE_MULTIPLIER], 2) for r in rows
+                             if r.get(Keys.NOISE_MULTIPLIER)})
+            if sigmas:
+                parts.append("σ " + "/".join(f"{v:.2f}" for v in sigmas))
             eps = " ".join(f"{r[Keys.SITE]}={r[Keys.EPSILON]:.2f}"
-                           for r in sorted(self._phase("train", round_no),
-                                           key=lambda r: r[Keys.SITE])
-                           if r.get(Keys.EPSILON) is not None)
-            parts.append(f"ε {eps}")
+                           + (f"({r[BUDGET_LEFT]:.2f})" if r.get(BUDGET_LEFT) is not None
+                              else "")
+                           for r in rows if r.get(Keys.EPSILON) is not None)
+            parts.append(f"ε spent (left) {eps}")
         else:
             parts.append("NON-PRIVATE")
         if any(r.get(Keys.SECURE_AGGREGATION) for r in self._phase("train", round_no)):
@@ -115,6 +124,18 @@ class RunRecorder:
         if refused:
             parts.append(f"no update from {', '.join(refused)}")
         return " | ".join(parts)
+
+    def _say_prior_spending(self, row: dict) -> None:
+        """Once per site and run: a site that had spent budget on this data in earlier
+        runs trains with more noise than a fresh one; the operator should know why."""
+        prior, site = row.get(PRIOR_EPSILON), row[Keys.SITE]
+        if not prior or site in self.warned:
+            return
+        self.warned.add(site)
+        self.say(f"NOTE: {site} had already spent ε={prior:.3g} of its budget "
+                 f"{row.get(BUDGET):g} on this data in earlier runs, so this run gets only "
+                 f"what is left: σ={row.get(Keys.NOISE_MULTIPLIER) or 0:.3g} "
+                 "(more noise than a fresh site), or a refusal")
 
     def _personalization(self) -> dict | None:
         """Per site: the global and the personalised model on the site's own
@@ -147,6 +168,25 @@ class RunRecorder:
         (self.dir / "summary.json").write_text(json.dumps(out, indent=2, sort_keys=True))
         self._metrics.close()
         return out
+
+
+BUDGET, BUDGET_LEFT, PRIOR_EPSILON = "epsilon_budget", "epsilon_left", "epsilon_before_run"
+
+
+def _budget_facts(ledger: str, run_id: str) -> dict:
+    """The site's budget, what is left of it, and what it had spent on the same data
+    before this run, read from the signed ledger the site sent (its last entry)."""
+    try:
+        entries = [json.loads(line) for line in ledger.splitlines() if line.strip()]
+        last = entries[-1]
+        same = [e for e in entries if e.get("data_fingerprint") == last["data_fingerprint"]]
+        budget = float(last["epsilon_budget"])
+        before = [float(e["epsilon"]) for e in same if e.get("run_id") != run_id]
+        facts = {BUDGET: budget, BUDGET_LEFT: max(0.0, budget - float(last["epsilon"])),
+                 PRIOR_EPSILON: max(before, default=0.0)}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return {}  # an unreadable ledger is the auditor's finding, not the progress line's
+    return facts if all(math.isfinite(v) for v in facts.values()) else {}
 
 
 def _split_personalized(row: dict) -> dict:
