@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Site:
     data: SiteData
     label_names: tuple[str, ...]
     policy: Policy      # the site's own budget: nothing the server sends can raise it
-    state_dir: Path     # the site's keys and ledger
+    state_dir: Path | None  # the site's keys and ledger; None: under the run's directory
     private: bool = True  # a deployed site trains without DP only if its node config says so
 
 
@@ -65,7 +66,8 @@ def site_from_context(cfg: Config, context: Context) -> Site:
     name = str(node.get("site", f"site{pid}"))
     policy = _policy(node, Policy(cfg.site.budget_of(pid), cfg.privacy.delta,
                                   cfg.site.min_noise_multiplier, cfg.site.max_noise_multiplier))
-    state = Path(node["state-dir"]) if "state-dir" in node else site_state_root(cfg) / name
+    state = (Path(node["state-dir"]) if "state-dir" in node
+             else Path(cfg.site.state_dir) / name if cfg.site.state_dir else None)
     return Site(name, sites[pid], test.label_names, policy, state, cfg.privacy.enabled)
 
 
@@ -102,8 +104,18 @@ def _deployed_site(cfg: Config, node: dict) -> Site:
                 cfg.data.labels, policy, Path(str(node["state-dir"])), private)
 
 
-def site_state_root(cfg: Config) -> Path:
-    return Path(cfg.site.state_dir or Path(cfg.simulation.output_dir) / "site_state")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def simulated_state_dir(cfg: Config, run_id: str, site: str) -> Path:
+    """Where a simulated site without `site.state_dir` keeps its keys, ledger and
+    cached features: in the run's directory, as `fedcare simulate` does, so every run
+    (through either door) starts with fresh simulated sites. The run id names a folder,
+    so it must be one plain name."""
+    if not RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
+        raise ValueError(f"run id {run_id!r} cannot name a folder (letters, digits, '.', "
+                         "'_' and '-' only, at most 128)")
+    return Path(cfg.simulation.output_dir).resolve() / run_id / "site_state" / site
 
 
 @dataclass(frozen=True)
@@ -340,7 +352,14 @@ class SiteClient(NumPyClient):
     def get_parameters(self, config):
         return get_adapter_arrays(self.trainer.model)
 
+    def _bind(self, config) -> None:
+        site = self.trainer.site
+        if site.state_dir is None:
+            self.trainer.site = dataclasses.replace(site, state_dir=simulated_state_dir(
+                self.trainer.cfg, str(config.get(Keys.RUN_ID, "")), site.name))
+
     def fit(self, parameters, config):
+        self._bind(config)
         set_adapter_arrays(self.trainer.model, parameters)
         out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
                                str(config[Keys.RUN_ID]),
@@ -348,6 +367,7 @@ class SiteClient(NumPyClient):
         return out["arrays"], out["num_examples"], out["metrics"]
 
     def evaluate(self, parameters, config):
+        self._bind(config)
         set_adapter_arrays(self.trainer.model, parameters)
         return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
                                      int(config.get(Keys.NUM_ROUNDS, 0)),

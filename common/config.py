@@ -129,8 +129,8 @@ class SiteConfig:
     max_noise_multiplier: float = field(
         default=20.0, metadata={"help": "Refuse rather than send an update drowned in noise."})
     state_dir: str = field(
-        default="", metadata={"help": "Keys and ledger; '' = <run dir>/site_state in simulate, "
-                                      "else <output_dir>/site_state."})
+        default="", metadata={"help": "Simulated sites' keys, ledgers and cached features; "
+                                      "'' = <run dir>/site_state (fresh sites every run)."})
 
     def __post_init__(self) -> None:
         _check(self.epsilon_budget > 0, "site.epsilon_budget", self.epsilon_budget, "> 0")

@@ -186,3 +186,15 @@ def test_head_dp_step_clips_per_example_gradients_of_the_head(setup):
     gsm._close()
     for p, b, m in zip(head.parameters(), before, manual):
         torch.testing.assert_close(b - p.detach(), m / expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc", "a/b", "", "..", "x" * 200])
+def test_a_run_id_that_cannot_name_one_folder_is_refused(bad, tmp_path):
+    from client.site import simulated_state_dir
+    from common.config import from_mapping
+
+    cfg = from_mapping({"simulation": {"output_dir": str(tmp_path)}})
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        simulated_state_dir(cfg, bad, "site0")
+    assert simulated_state_dir(cfg, "20261129-1", "site0") == \
+        tmp_path / "20261129-1" / "site_state" / "site0"
