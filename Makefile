@@ -11,7 +11,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test flwr-run clean
+.PHONY: install demo test flwr-run clean bench bench-quick
 
 install: $(STAMP)
 
@@ -32,6 +32,15 @@ test: install
 flwr-run: install
 	mkdir -p .flwr && test -f .flwr/config.toml || cp simulations/flwr_config.toml .flwr/config.toml
 	FLWR_HOME=$(CURDIR)/.flwr PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream
+
+# the benchmark (docs/benchmarks.md): results.json, results.md and plots in runs/bench-<time>/
+# e.g. make bench BENCH_ARGS="--device cuda --out runs/bench-gpu"
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m simulations.bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m simulations.bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .flwr runs

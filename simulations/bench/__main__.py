@@ -1,0 +1,5 @@
+import sys
+
+from simulations.bench.cli import main
+
+sys.exit(main())

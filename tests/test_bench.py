@@ -1,0 +1,205 @@
+"""The benchmark's arithmetic and its tables, on hand-made inputs (no model, no runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.bench import report, targets
+from simulations.bench.orchestration import round_overheads
+from simulations.bench.utility import Setup, gaps, summarize
+
+
+# -- targets -------------------------------------------------------------------------
+def test_paired_gap_is_reference_minus_other_in_points_over_shared_seeds():
+    gap = targets.paired_gap_points({0: 0.70, 1: 0.60, 2: 0.50}, {0: 0.66, 1: 0.58})
+    assert gap["seeds"] == [0, 1]  # seed 2 has no partner and is left out
+    assert gap["n"] == 2
+    assert gap["mean"] == pytest.approx(3.0)        # (4 + 2) / 2 points
+    assert gap["sd"] == pytest.approx(1.41421356, rel=1e-6)
+
+
+def test_judging_at_most_a_limit():
+    assert targets.judge_at_most(3.0, 3.0) == targets.MET        # the limit itself is met
+    assert targets.judge_at_most(3.01, 3.0) == targets.MISSED
+    assert targets.judge_at_most(-1.0, 3.0) == targets.MET       # DP better than reference
+    assert targets.judge_at_most(None, 3.0) == targets.NOT_RUN
+    assert targets.judge_at_most(float("nan"), 3.0) == targets.NOT_RUN
+
+
+def test_relative_judgement_is_two_sided():
+    assert targets.judge_relative(1.009, 1.0, 0.01) == targets.MET
+    assert targets.judge_relative(0.989, 1.0, 0.01) == targets.MISSED
+    assert targets.judge_relative(1.02, 1.0, 0.01) == targets.MISSED
+    assert targets.judge_relative(1.0, None, 0.01) == targets.NOT_RUN
+
+
+def test_mean_sd_ignores_missing_values():
+    stat = targets.mean_sd([1.0, None, 3.0, float("nan")])
+    assert stat == {"mean": 2.0, "sd": pytest.approx(2 ** 0.5), "n": 2}
+    assert targets.mean_sd([5.0])["sd"] == 0.0
+    assert targets.mean_sd([]) == {"mean": None, "sd": None, "n": 0}
+
+
+def _run(seed, f1, acc=0.5, error=None):
+    return {"seed": seed, "macro_f1": f1, "accuracy": acc, "process_seconds": 100.0,
+            "epsilon_max": None, "error": error}
+
+
+def _utility_configs(fed, dp8, pooled=None, dp3=None):
+    setups = [("fed_nonprivate", fed), ("dp_eps8", dp8), ("pooled", pooled), ("dp_eps3", dp3)]
+    return [summarize(Setup(name, name, {}), runs) for name, runs in setups if runs]
+
+
+def test_gaps_marks_each_target_met_missed_or_not_run():
+    configs = _utility_configs(
+        fed=[_run(0, 0.60), _run(1, 0.62)],
+        dp8=[_run(0, 0.58), _run(1, 0.58)],     # 2 and 4 points below: mean 3.0 -> met
+        pooled=[_run(0, 0.65), _run(1, 0.63)],  # fed 5 and 1 below pooled: mean 3.0 > 2
+    )
+    by_name = {g["other"]: g for g in gaps(configs)}
+    assert by_name["dp_eps8"]["gap_points"]["mean"] == pytest.approx(3.0)
+    assert by_name["dp_eps8"]["status"] == targets.MET
+    assert by_name["fed_nonprivate"]["gap_points"]["mean"] == pytest.approx(3.0)
+    assert by_name["fed_nonprivate"]["status"] == targets.MISSED
+    assert by_name["dp_eps3"]["status"] == targets.NOT_RUN  # quick mode runs no ε=3
+
+
+def test_failed_runs_are_left_out_of_means_and_gaps():
+    configs = _utility_configs(fed=[_run(0, 0.60), _run(1, 0.90, error="exit 1")],
+                               dp8=[_run(0, 0.50), _run(1, 0.10)])
+    fed = configs[0]
+    assert fed["failed"] == 1 and fed["macro_f1"]["n"] == 1
+    assert fed["macro_f1"]["mean"] == pytest.approx(0.60)
+    dp8 = next(g for g in gaps(configs) if g["other"] == "dp_eps8")
+    assert dp8["gap_points"]["seeds"] == [0]
+    assert dp8["gap_points"]["mean"] == pytest.approx(10.0)
+    assert dp8["status"] == targets.MISSED
+
+
+# -- orchestration -------------------------------------------------------------------
+def _metrics_rows():
+    """Two rounds, two sites, as server/run_log.py writes them (wall_seconds from the
+    run's start); round 1 ends at 50 s, round 2 at 80 s."""
+    def row(rnd, phase, wall, site, **extra):
+        return {"round": rnd, "phase": phase, "wall_seconds": wall, "site": site, **extra}
+    return [
+        row(1, "train", 40.0, "site0", train_seconds=20.0, status="accepted"),
+        row(1, "train", 40.0, "site1", train_seconds=30.0, status="accepted"),
+        row(1, "evaluate", 50.0, "site0"), row(1, "evaluate", 50.0, "site1"),
+        row(1, "evaluate", 50.0, "all"),
+        row(2, "train", 74.0, "site0", train_seconds=24.0, status="accepted"),
+        row(2, "train", 74.0, "site1", train_seconds=12.0, status="accepted"),
+        row(2, "test", 76.0, "global"),
+        row(2, "evaluate", 80.0, "site0"), row(2, "evaluate", 80.0, "site1"),
+    ]
+
+
+def test_round_overheads_from_a_metrics_log(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _metrics_rows()))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = round_overheads(rows)
+    r1, r2 = out["rounds"]
+    assert r1["round_seconds"] == pytest.approx(50.0)
+    assert r1["slowest_train_seconds"] == pytest.approx(30.0)   # the slower site counts
+    assert r1["overhead"] == pytest.approx(20.0 / 50.0)
+    assert r1["fit_overhead"] == pytest.approx(10.0 / 40.0)
+    assert r2["round_seconds"] == pytest.approx(30.0)            # 80 - 50, not 80
+    assert r2["fit_seconds"] == pytest.approx(24.0)              # 74 - 50
+    assert r2["evaluate_seconds"] == pytest.approx(6.0)
+    assert r2["overhead"] == pytest.approx(6.0 / 30.0)
+    assert r2["fit_overhead"] == pytest.approx(0.0)
+    assert out["first_round_overhead"] == pytest.approx(0.4)
+    assert out["steady_overhead"]["mean"] == pytest.approx(0.2)  # round 1 left out
+    assert out["missing"] == []
+
+
+def test_round_overheads_names_what_the_log_lacks():
+    rows = [r for r in _metrics_rows() if not (r["phase"] == "evaluate" and r["round"] == 1)]
+    rows = [r for r in rows if not (r["round"] == 2 and r["phase"] == "train")] + [
+        {"round": 2, "phase": "train", "wall_seconds": 74.0, "site": "site0",
+         "status": "refused"}]
+    out = round_overheads(rows)
+    assert any("round 1" in m and "evaluate" in m for m in out["missing"])
+    assert any("round 2" in m and "train_seconds" in m for m in out["missing"])
+    assert "overhead" not in out["rounds"][0] and "overhead" not in out["rounds"][1]
+    assert out["steady_overhead"]["mean"] is None
+
+
+# -- the Markdown table --------------------------------------------------------------
+def _results():
+    configs = _utility_configs(fed=[_run(0, 0.600, 0.70)], dp8=[_run(0, 0.550, 0.66)])
+    shape = {"shape": "demo", "label": "one site", "threads": 2, "memory_measure": "peak_rss_bytes",
+             "time_ratio": 1.05, "memory_ratio": 1.25, "time_status": targets.MET,
+             "memory_status": targets.MISSED}
+    for mode in ("dp", "plain"):
+        shape[mode] = {"step_seconds": {"mean": 1.0, "sd": 0.1, "n": 2},
+                       "seconds_per_nominal_batch": {"mean": 1.0, "sd": 0.1, "n": 2},
+                       "rows_per_step": 256.0, "peak_cuda_bytes": None,
+                       "peak_rss_bytes": {"mean": 2 * 2**30, "sd": 0.0, "n": 2}}
+    return {
+        "mode": "quick", "started": "2026-11-29 10:00:00 UTC", "command": "python -m x",
+        "wall_seconds": 600.0,
+        "machine": {"cpu": "Test CPU 9000", "logical_cores": 2, "physical_cores": 1,
+                    "ram_bytes": 24 * 2**30, "torch_threads": 2, "device": "cpu",
+                    "device_name": "Test CPU 9000", "load_average": [0.5, 0.4, 0.3],
+                    "python": "3.11", "versions": {"torch": "2.13.0"}, "git_commit": "abc1234",
+                    "git_dirty": False},
+        "sections": {
+            "utility": {"device": "cpu", "seeds": [0], "configs": configs,
+                        "gaps": gaps(configs)},
+            "dp-cost": {"device": "cpu", "repetitions": 2, "warmup_steps": 1,
+                        "timed_steps": 3, "limit_ratio": 1.1, "shapes": [shape]},
+            "bytes": {"adapter_params": 80658, "adapter_bytes": 322632,
+                      "model_params": 22720146, "model_bytes": 90880584, "percent": 0.355,
+                      "limit_percent": 0.35, "status": targets.MISSED,
+                      "lora": {"r": 8, "target_modules": ["query", "value"]},
+                      "sent_in_runs": {"dp_eps8-seed0": [322632]}},
+        },
+        "errors": {"accounting": "Traceback ...\nValueError: boom"},
+    }
+
+
+def _row(text: str, first_cell: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def test_markdown_names_the_machine_and_marks_each_target(tmp_path):
+    text = report.render(_results())
+    assert text.startswith("# fedcare benchmark (quick)")
+    assert "| CPU | Test CPU 9000 |" in text
+    assert "| RAM | 24.00 GiB |" in text
+    assert "| device | cpu (Test CPU 9000) |" in text
+    assert "2026-11-29 10:00:00 UTC" in text
+    # 5.0 F1 points below non-private against a limit of 3: missed, in bold
+    dp8 = _row(text, "DP ε=8 vs federated non-private")
+    assert "5.0" in dp8 and "≤ 3" in dp8 and dp8.endswith("| **missed** |")
+    assert _row(text, "DP ε=3 vs federated non-private").endswith("| not run |")
+    assert _row(text, "dp_eps8").split(" | ")[5] == "5.0"  # points below fed. non-private
+    assert _row(text, "one site").endswith("| met / **missed** |")
+    assert "1.050×" in _row(text, "one site") and "1.250×" in _row(text, "one site")
+    assert _row(text, "80,658").endswith("| **missed** |") and "0.355%" in text
+    assert "## Sections that failed" in text and "ValueError: boom" in text
+    assert "## 4." not in text  # a failed section has no table
+
+
+def test_write_puts_json_markdown_and_plots_in_the_folder(tmp_path):
+    results = _results()
+    report.write(results, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["mode"] == "quick"
+    assert (tmp_path / "results.md").read_text().startswith("# fedcare benchmark")
+    for name in ("utility", "dp-cost"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        assert (tmp_path / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_only_accepts_known_sections_in_bench_order():
+    from simulations.bench.cli import QUICK_SECTIONS, parse_only
+
+    assert parse_only("accounting,utility", quick=False) == ["utility", "accounting"]
+    assert parse_only("dp_cost", quick=True) == ["dp-cost"]
+    assert parse_only(None, quick=True) == list(QUICK_SECTIONS)
+    with pytest.raises(SystemExit, match="unknown section 'speed'"):
+        parse_only("utility,speed", quick=False)
