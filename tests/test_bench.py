@@ -185,6 +185,18 @@ def test_markdown_names_the_machine_and_marks_each_target(tmp_path):
     assert "## 4." not in text  # a failed section has no table
 
 
+def test_orchestration_table_shows_steady_share_and_the_servers_split():
+    results = _results()
+    run = {"sites": 4, "run_dir": "r", "error": None,
+           "time_split_seconds": {"start_up": 3.0, "first_fit": 37.0, "fit": 24.0},
+           **round_overheads(_metrics_rows())}
+    results["sections"]["orchestration"] = {"runs": [run]}
+    text = report.render(results)
+    summary = _row(text, "4")  # the first table with a row for 4 sites: the summary
+    assert "| 20.0% |" in summary and summary.endswith("| 40.0% |")  # steady / round 1
+    assert "- 4 sites: start up 3 s, first fit 37 s, fit 24 s" in text
+
+
 def test_write_puts_json_markdown_and_plots_in_the_folder(tmp_path):
     results = _results()
     report.write(results, tmp_path)

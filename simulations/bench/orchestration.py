@@ -79,7 +79,9 @@ def orchestration(bench: Bench) -> dict:
             overrides = {**overrides, "simulation.num_sites": sites}
         run = bench.simulate(name, overrides)
         item = {"sites": sites, "run_dir": str(run.run_dir), "error": run.error,
-                "secure_aggregation": (run.summary.get("secure_aggregation") or {}).get("rounds")}
+                "secure_aggregation": (run.summary.get("secure_aggregation") or {}).get("rounds"),
+                # the server's own split of the run's time by phase, when it records one
+                "time_split_seconds": run.summary.get("time_split_seconds")}
         if not run.error:
             item.update(round_overheads(run.metrics()))
         runs.append(item)

@@ -193,6 +193,9 @@ def render_orchestration(s: dict) -> list[str]:
                         pm(run.get("steady_fit_overhead"), 1, 100) + "%",
                         num(run.get("first_round_overhead"), 1, 100) + "%"])
     missing = [f"- {run['sites']} sites: {m}" for run in s["runs"] for m in run.get("missing", [])]
+    splits = [f"- {run['sites']} sites: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.0f} s" for k, v in run["time_split_seconds"].items())
+        for run in s["runs"] if run.get("time_split_seconds")]
     return ["overhead = (round wall − slowest site's train_seconds) / round wall; fit "
             "overhead uses the training phase only (up to the moment the updates reach the "
             "server), so the sites' evaluation is not counted as orchestration. Round 1 "
@@ -201,6 +204,8 @@ def render_orchestration(s: dict) -> list[str]:
                     "steady fit overhead", "round-1 overhead"], summary), "",
             *table(["sites", "round", "round s", "fit s", "evaluate s", "slowest train s",
                     "overhead", "fit overhead"], rows),
+            *(["", "The server's own split of each run's time (summary.json):", *splits]
+              if splits else []),
             *([""] + ["Not in the run log:"] + missing if missing else [])]
 
 
