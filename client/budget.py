@@ -4,6 +4,11 @@ The ledger is the site's memory of what it has released on each dataset (keyed b
 the data fingerprint), across rounds and across runs. Before a round the guard
 plans the mechanism and projects ε; if the projection exceeds the site's budget it
 refuses. After training, the entry is written (fsync) before the update may leave.
+
+ε is computed by the site's accountant kind (`privacy.accountant`: "prv", tight, or
+"rdp"), and every entry names it. A claim never falls: a history claimed under RDP and
+re-computed under the tighter PRV keeps the larger, already claimed ε until PRV's own
+value passes it.
 """
 
 from __future__ import annotations
@@ -56,8 +61,11 @@ def update_digest(arrays: Sequence[np.ndarray]) -> str:
 
 
 class SiteGuard:
-    def __init__(self, site: str, state_dir: Path, fingerprint: str, policy: Policy) -> None:
+    def __init__(self, site: str, state_dir: Path, fingerprint: str, policy: Policy,
+                 accountant: str = "prv") -> None:
+        accounting.accountant_name(accountant)  # "prv" or "rdp", else a ValueError
         self.site, self.fingerprint, self.policy = site, fingerprint, policy
+        self.accountant = accountant  # the kind; entries record accountant_name(kind)
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = load_or_create_site_key(self.dir)
@@ -89,18 +97,19 @@ class SiteGuard:
         """σ for this run: fixed at the run's first round so that (a) this run's whole
         `schedule` of (sample rate, steps) alone stays within `run_target` and (b)
         everything ever released on this dataset stays within the budget. Later rounds
-        of the run reuse it from the ledger. Raises BudgetError when no noise level up
-        to the site's maximum fits."""
+        of the run reuse it from the ledger. ε is the site's accountant's. Raises
+        BudgetError when no noise level up to the site's maximum fits."""
         for entry in reversed(self.ledger.entries()):
             if (entry["run_id"] == run_id and entry["data_fingerprint"] == self.fingerprint
                     and entry["kind"] == "train"):
                 return float(entry["noise_multiplier"])
-        p = self.policy
-        sigma = max(
-            accounting.calibrate_noise([], schedule, run_target, p.delta),
-            accounting.calibrate_noise(self.history(), schedule, p.epsilon_budget, p.delta),
-            p.min_noise_multiplier,
-        )
+        p, history = self.policy, self.history()
+        # with nothing spent yet the two limits are one: the smaller target
+        limits = [([], run_target), (history, p.epsilon_budget)] if history else [
+            ([], min(run_target, p.epsilon_budget))]
+        sigma = max([accounting.calibrate_noise(prior, schedule, target, p.delta,
+                                                self.accountant)
+                     for prior, target in limits] + [p.min_noise_multiplier])
         if sigma > p.max_noise_multiplier:
             total = sum(n for _, n in schedule)
             raise accounting.BudgetError(
@@ -110,15 +119,16 @@ class SiteGuard:
         return sigma
 
     def projected(self, step: PrivateStep) -> float:
-        return accounting.epsilon(
+        """The ε the ledger would claim after `step`: never below what is claimed now."""
+        return max(self.spent(), accounting.epsilon(
             [*self.history(), (step.noise_multiplier, step.sample_rate, step.steps)],
-            self.policy.delta)
+            self.policy.delta, self.accountant))
 
     def _entry(self, kind: str, run_id: str, round_no: int, secure: bool, **fields) -> dict:
         return {
             "kind": kind, "site": self.site, "run_id": run_id, "round": round_no,
             "data_fingerprint": self.fingerprint, "mechanism": MECHANISM,
-            "delta": self.policy.delta, "accountant": accounting.ACCOUNTANT,
+            "delta": self.policy.delta, "accountant": accounting.accountant_name(self.accountant),
             "epsilon_budget": self.policy.epsilon_budget, "secure_aggregation": secure,
             "software": software_versions(), **fields,
         }
@@ -127,7 +137,10 @@ class SiteGuard:
                        epsilon: float, arrays: Sequence[np.ndarray], secure: bool,
                        kind: str = "train") -> dict:
         """Write-ahead: returns only once the entry is on disk; then the update may go.
-        kind "personalize": a site's own fine-tune, which stays at the site."""
+        kind "personalize": a site's own fine-tune, which stays at the site. The entry
+        claims max(spent, `epsilon`): ε is cumulative, and a history first claimed under
+        RDP may re-compute lower under PRV."""
+        epsilon = max(float(epsilon), self.spent())
         return self.ledger.append(self._entry(
             kind, run_id, round_no, secure,
             noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate,

@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.budget import Policy, SiteGuard
 from client.site import Site, SiteTrainer
+from client.training import PrivateStep
 from common.data import read_records, site_split
 from common.privacy import accounting
 from common.privacy.ledger import read_entries
@@ -154,3 +156,55 @@ def test_the_run_config_cannot_set_a_hospitals_policy_or_switch_off_its_dp(
         with pytest.raises(ValueError, match=f"must set {key}"):
             site_from_context(cfg, _hospital_context(
                 cfg, {k: v for k, v in node.items() if k != key}))
+
+
+# -- the accountant a site claims with (no training: the guard alone) -----------------
+DEMO = (0.61, 0.058, 16)  # RDP puts it at ε=8.02, PRV at 6.66 (δ=1e-5)
+ARRAYS = [np.zeros(3, dtype=np.float32)]
+
+
+def _guard(state: Path, budget: float = 10.0, **kind) -> SiteGuard:
+    return SiteGuard("site0", state, "sha256:data", Policy(budget, 1e-5), **kind)
+
+
+def test_the_guard_plans_projects_and_records_with_its_accountant(tmp_path):
+    guards = {kind: _guard(tmp_path / kind, 8.0, accountant=kind) for kind in ("prv", "rdp")}
+    sigmas = {kind: guard.plan("run-1", 8.0, [(0.058, 16)]) for kind, guard in guards.items()}
+    assert sigmas["prv"] < sigmas["rdp"]  # the tighter accountant buys less noise
+    for kind, guard in guards.items():
+        step = PrivateStep(sigmas[kind], 0.058, 16, 1.0)
+        claim = accounting.epsilon([(sigmas[kind], 0.058, 16)], 1e-5, guard.accountant)
+        assert guard.projected(step) == claim <= 8.0
+        entry = guard.record_release("run-1", 1, step, claim, ARRAYS, False)
+        assert entry["accountant"] == {"prv": "opacus-prv", "rdp": "opacus-rdp"}[kind]
+        assert entry["epsilon"] == claim
+        assert verify_path(tmp_path / kind / "ledger.jsonl").ok
+
+
+def test_the_default_accountant_is_prv_so_an_unchanged_caller_claims_with_prv(tmp_path):
+    guard = _guard(tmp_path / "state")
+    assert guard.accountant == "prv"
+    entry = guard.record_release("run-1", 1, PrivateStep(*DEMO, 1.0),
+                                 accounting.epsilon([DEMO], 1e-5), ARRAYS, False)
+    assert entry["accountant"] == "opacus-prv"
+    with pytest.raises(ValueError, match="privacy.accountant must be one of"):
+        _guard(tmp_path / "other", accountant="gdp")
+
+
+def test_switching_from_rdp_to_prv_never_lowers_the_claimed_epsilon(tmp_path):
+    state = tmp_path / "state"
+    rdp = _guard(state, accountant="rdp")
+    first = rdp.record_release("run-1", 1, PrivateStep(*DEMO, 1.0),
+                               accounting.epsilon([DEMO], 1e-5, "rdp"), ARRAYS, False)
+    assert first["epsilon"] == pytest.approx(8.02, abs=0.01)
+    prv = _guard(state)  # the same site's ledger, now under PRV
+    step = PrivateStep(5.0, 0.058, 1, 1.0)  # one more, very noisy step
+    recomputed = accounting.epsilon([*prv.history(), (5.0, 0.058, 1)], 1e-5)
+    assert recomputed < 7.0  # PRV's ε of the whole history is far below the RDP claim
+    assert prv.projected(step) == first["epsilon"]
+    second = prv.record_release("run-2", 1, step, recomputed, ARRAYS, False)
+    assert (second["epsilon"], second["accountant"]) == (first["epsilon"], "opacus-prv")
+    report = verify_path(state / "ledger.jsonl")
+    assert report.ok, report.problems
+    assert [(r.accountant, r.reference) for r in report.sites[0].entries] == [
+        ("opacus-rdp", "rdp"), ("opacus-prv", "pld")]

@@ -21,8 +21,10 @@ from dp_accounting.rdp import RdpAccountant
 from common.privacy.audit_cli import main, register
 from common.privacy.keys import load_or_create_site_key, public_key_pem
 from common.privacy.ledger import GENESIS_HASH, canonical_json, read_entries, seal_entry
+from common.privacy import accounting
 from common.privacy.verify import (
-    AUDIT_ORDERS, PLD_DISCRETIZATION, pld_epsilon, rdp_epsilon, verify_path,
+    AUDIT_ORDERS, PLD_DISCRETIZATION, PRV_EPS_ERROR, compare_accountants, pld_epsilon,
+    pld_error, rdp_epsilon, verify_path,
 )
 from tests.test_ledger import ROUNDS, build_ledger
 
@@ -276,3 +278,67 @@ def test_claims_are_held_to_the_accountant_they_name(run):
     assert verify_path(run_dir).ok
     write(path, reseal(tight, keys["hospital_a"]))  # same numbers, labelled opacus-rdp
     assert "too low" in messages(verify_path(run_dir))
+
+
+def prv_claims(entries: list[dict]) -> list[dict]:
+    """The same ledger as fedcare writes it under privacy.accountant=prv."""
+    history, out = [], []
+    for entry in entries:
+        if entry["kind"] != "refusal":
+            history.append((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        out.append({**entry, "accountant": accounting.accountant_name("prv"),
+                    "epsilon": accounting.epsilon(history, entry["delta"], "prv")})
+    return out
+
+
+def test_prv_claims_pass_and_a_claim_lowered_beyond_prvs_stated_error_fails(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    honest = prv_claims(read_entries(path))
+    write(path, reseal(honest, keys["hospital_a"]))
+    report = verify_path(run_dir)
+    assert report.ok, messages(report)
+    rows = report.sites[0].entries
+    assert {(r.accountant, r.reference) for r in rows} == {("opacus-prv", "pld")}
+    assert all(r.epsilon_pld <= r.epsilon_claimed < r.epsilon_rdp for r in rows)
+    # within PRV's stated error: still an upper bound for all the verifier can tell
+    write(path, reseal([{**e, "epsilon": e["epsilon"] - 0.005} for e in honest],
+                       keys["hospital_a"]))
+    assert verify_path(run_dir).ok
+    # lowered by more than the whole width of PRV's bound (2·eps_error): flagged
+    lowered = 2 * PRV_EPS_ERROR + 0.005
+    write(path, reseal([{**e, "epsilon": e["epsilon"] - lowered} for e in honest],
+                       keys["hospital_a"]))
+    report = verify_path(run_dir)
+    assert [p.seq for p in report.problems] == list(range(len(honest)))
+    assert all("by opacus-prv" in p.message and "held to PLD less" in p.message
+               and "too low" in p.message for p in report.problems)
+
+
+def test_the_prv_tolerance_covers_plds_own_pessimism():
+    """PLD(h) overstates the true ε by a margin quadratic in h; pld_error = PLD(2h) -
+    PLD(h) is about three times that margin, so PLD(h) - pld_error is below the true ε."""
+    assert PRV_EPS_ERROR == accounting.PRV_EPS_ERROR  # the error fedcare's claims carry
+    history = ((1.5, 0.04, 2250),)
+    coarse, finer = pld_epsilon(history, 1e-5), pld_epsilon(history, 1e-5, 1e-4)
+    assert 0 < coarse - finer < pld_error(history, 1e-5) < PRV_EPS_ERROR
+    assert coarse - pld_error(history, 1e-5) <= finer
+
+
+def test_an_unnamed_or_rdp_accountant_is_held_to_rdp(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    write(path, reseal([{k: v for k, v in e.items() if k != "accountant"}
+                        for e in prv_claims(read_entries(path))], keys["hospital_a"]))
+    report = verify_path(run_dir)
+    assert {r.reference for r in report.sites[0].entries} == {"rdp"}
+    assert "by an unnamed accountant" in messages(report)
+
+
+def test_compare_accountants_on_the_demo_mechanism():
+    row = compare_accountants(0.61, 0.058, 16, 1e-5)
+    assert row["rdp"] == pytest.approx(8.0212, abs=1e-3)
+    assert row["prv"] == pytest.approx(6.6551, abs=2e-3)
+    assert row["pld"] == pytest.approx(6.6445, abs=1e-3)
+    assert row["prv_over_pld"] == pytest.approx(row["prv"] / row["pld"])
+    assert 1.0 <= row["prv_over_pld"] < 1.005 < 1.2 < row["rdp_over_pld"]
