@@ -150,7 +150,7 @@ class SiteTrainer:
 
     def guard(self) -> SiteGuard:
         return SiteGuard(self.site.name, self.site.state_dir, self.site.data.fingerprint,
-                         self.site.policy)
+                         self.site.policy, accountant=self.cfg.privacy.accountant)
 
     def phase(self, round_no: int) -> Phase:
         """Rounds 1..train.head_rounds train the head only; later rounds LoRA + head."""
@@ -203,15 +203,17 @@ class SiteTrainer:
             try:
                 step = self._plan(guard, run_id, round_no, num_rounds, phase)
                 data, module = self._rows_and_module(phase)
-                accountant = accounting.make_accountant(guard.history())
+                accountant = accounting.make_accountant(guard.history(), guard.accountant)
                 stats = train_private(module, data, step, phase.learning_rate,
                                       t.chunk_size, self.device, accountant, gen)
                 arrays = get_adapter_arrays(self.model)
                 self._check_range(arrays, secure)
             except (accounting.BudgetError, UpdateRangeError) as err:
                 return self._refuse(guard, run_id, round_no, str(err), secure, metrics)
-            eps = accounting.epsilon(accountant.history, guard.policy.delta)
-            guard.record_release(run_id, round_no, step, eps, arrays, secure)  # fsync first
+            eps = guard.record_release(  # fsync first; the claim, never below what was spent
+                run_id, round_no, step, accounting.epsilon(
+                    accountant.history, guard.policy.delta, guard.accountant),
+                arrays, secure)["epsilon"]
             metrics.update({
                 Keys.EPSILON: eps, Keys.DELTA: guard.policy.delta,
                 Keys.NOISE_MULTIPLIER: step.noise_multiplier,
@@ -305,12 +307,13 @@ class SiteTrainer:
                     guard.record_refusal(run_id, round_no, reason, False)
                     return {Keys.PERSONALIZED_REFUSED: reason, Keys.LEDGER: guard.ledger_text()}
                 data, module = self._rows_and_module(phase)
-                accountant = accounting.make_accountant(guard.history())
+                accountant = accounting.make_accountant(guard.history(), guard.accountant)
                 train_private(module, data, step, phase.learning_rate,
                               t.chunk_size, self.device, accountant, gen)
                 arrays = get_adapter_arrays(self.model)
-                eps = accounting.epsilon(accountant.history, guard.policy.delta)
-                guard.record_release(run_id, round_no, step, eps, arrays, False, "personalize")
+                eps = guard.record_release(run_id, round_no, step, accounting.epsilon(
+                    accountant.history, guard.policy.delta, guard.accountant),
+                    arrays, False, "personalize")["epsilon"]
                 out.update({Keys.EPSILON: eps, Keys.LEDGER: guard.ledger_text(),
                             Keys.SITE_PUBLIC_KEY: guard.public_key()})
             else:

@@ -152,7 +152,7 @@ class TrainConfig:
     local_steps: int = field(default=4, metadata={"help": "Optimizer steps per site per round."})
     learning_rate: float = field(default=3e-2, metadata={"help": "Adam step size."})
     head_rounds: int = field(
-        default=0,
+        default=4,
         metadata={"help": "The first N rounds train only the classification head, on "
                           "features the frozen encoder computes once per site (same DP-SGD "
                           "mechanism, a fraction of the cost); later rounds train LoRA + head."})

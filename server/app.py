@@ -123,7 +123,13 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
         report = write_report(run_dir, run_dir / "audit_report.html", run_dir / "audit_report.json")
         audit = {"report": "audit_report.html", "verified": report["ok"],
                  "problems": sum(len(site["problems"]) for site in report["sites"])}
-    summary = recorder.summary(final, {"audit": audit, "secure_aggregation": {
+    clock = strategy.clock
+    split = {"start_up": (clock.started or recorder.start) - recorder.start, **clock.seconds}
+    split = {k: round(v, 1) for k, v in split.items()}
+    recorder.say("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in split.items())
+                 + " (the first fit includes the sites' start-up: model, tokens, features)")
+    summary = recorder.summary(final, {"time_split_seconds": split, "audit": audit,
+                                       "secure_aggregation": {
         "setting": fed.secure_aggregation,
         "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}},
         "server_optimizer": describe(inner)})

@@ -23,6 +23,7 @@ otherwise nudge them, and a site's cached encoder features would go stale.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -53,6 +54,7 @@ class SiteAwareStrategy(Strategy):
         self.steps = 0  # server steps taken: rounds whose aggregate moved the adapter
         self.dtypes: list[np.dtype] | None = None
         self.frozen = frozen
+        self.clock = PhaseClock()
         self.sent: dict[int, list[np.ndarray]] = {}  # round -> the global adapter sent
 
     def __repr__(self) -> str:
@@ -66,6 +68,7 @@ class SiteAwareStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self.clock.begin("fit" if server_round > 1 else "first_fit")
         if self.frozen(server_round):
             self.sent = {server_round: parameters_to_ndarrays(parameters)}
         return self.inner.configure_fit(server_round, parameters, client_manager)
@@ -81,10 +84,15 @@ class SiteAwareStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        self.clock.begin("site_evaluate")
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def evaluate(self, server_round: int, parameters: Parameters):
-        return self.inner.evaluate(server_round, parameters)
+        self.clock.begin("server_evaluate")
+        try:
+            return self.inner.evaluate(server_round, parameters)
+        finally:
+            self.clock.end()
 
     def check_update(self, res: FitRes) -> str:
         """'' if the update may be averaged, else why not."""
@@ -103,6 +111,7 @@ class SiteAwareStrategy(Strategy):
     def aggregate_fit(self, server_round: int,
                       results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.clock.end()
         accepted, rows = [], []
         for proxy, res in results:
             row = dict(res.metrics)
@@ -140,6 +149,7 @@ class SiteAwareStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
+        self.clock.end()
         rows = []
         for proxy, res in results:
             row = {**res.metrics, "loss": res.loss, "num_examples": res.num_examples}
@@ -147,3 +157,25 @@ class SiteAwareStrategy(Strategy):
             rows.append(row)
         self.record("evaluate", server_round, rows)
         return self.inner.aggregate_evaluate(server_round, results, failures)
+
+
+class PhaseClock:
+    """Seconds the server spent in each phase of the rounds: the first fit (which
+    includes the sites' start-up: model, tokens, features), later fits, its own test
+    evaluation and the sites' evaluation. `started` is when the first phase began."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started: float | None = None
+        self._open: tuple[str, float] | None = None
+
+    def begin(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.started = now if self.started is None else self.started
+        self._open = (phase, now)
+
+    def end(self) -> None:
+        if self._open is not None:
+            phase, since = self._open
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - since
+            self._open = None

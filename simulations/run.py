@@ -23,12 +23,27 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
     return cfg
 
 
+def quiet_libraries() -> None:
+    """What a user cannot act on stays out of the demo's output: library deprecation
+    notices, Ray's accelerator tip, weight-loading progress bars. The variables are
+    inherited by Ray's site processes; the filters hold in this one."""
+    import warnings
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
              client_mods=()) -> Path:
     """Run the federation described by `cfg`; returns the run directory.
     `client_mods` are extra Flower mods for every site (see client.app.build_app)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet_libraries()
     import torch
     from flwr.simulation import run_simulation
 

@@ -73,7 +73,8 @@ def tiny_config(model_dir: Path, files: dict, **sections):
                      "test_file": str(files["test"]), "text_column": "note",
                      "label_column": "diagnosis", "labels": list(LABELS)},
             "train": {"batch_size": 16, "local_steps": 2, "learning_rate": 0.05,
-                      "chunk_size": 8, "threads": 1},
+                      "chunk_size": 8, "threads": 1, "head_rounds": 0,  # LoRA rounds
+                      "head_steps": 4, "head_batch_size": 32},
             "federation": {"num_rounds": 2, "min_sites": 2},
             "simulation": {"num_sites": 2, "cpus_per_site": 1}}
     for name, values in sections.items():

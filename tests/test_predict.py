@@ -49,7 +49,7 @@ def run_dir(tiny_model, tmp_path_factory):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        save_adapter(model, root / "run" / "adapter", LABELS, str(tiny_model))
+        save_adapter(model, root / "run" / "adapter", LABELS, str(tiny_model), 16)
         (root / "run" / "summary.json").write_text("{}")
         yield root / "run"
     finally:
@@ -190,7 +190,7 @@ def _cli(*argv: str) -> int:
 def test_cli_predicts_a_file_writes_both_formats_and_marks_unsure(run_dir, tmp_path, capsys):
     notes = _notes_csv(tmp_path / "notes.csv")
     for name in ("out.jsonl", "out.csv"):
-        assert _cli(run_dir, "--input", notes, "--text-column", "note", "--threshold", "0.999",
+        assert _cli(run_dir, "--input", notes, "--text-column", "note", "--threshold", "1.0",
                     "--output", tmp_path / name) == 0
     out = capsys.readouterr().out
     assert "UNSURE" in out and "the model is unsure and a clinician must decide" in out

@@ -18,7 +18,9 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     from peft import PeftModel
     from common.model import build_base
 
-    cfg = tiny_config(tiny_model, site_files, site={"budgets": [8.0, 6.0]})
+    # round 1 trains the head on cached features, round 2 LoRA + head
+    cfg = tiny_config(tiny_model, site_files, site={"budgets": [8.0, 6.0]},
+                      train={"head_rounds": 1})
     run = simulate(cfg, tmp_path / "run")
 
     summary = json.loads((run / "summary.json").read_text())
@@ -29,6 +31,10 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     assert 0 < eps["site1"] <= 6.0 + 1e-9 and 0 < eps["site0"] <= 8.0 + 1e-9
     assert set(summary["bytes_sent_per_site_per_round"]["site0"]) == {"1", "2"}
     assert summary["audit"]["verified"] is True
+    split = summary["time_split_seconds"]  # 2 rounds: a first fit, a later fit, evaluations
+    assert set(split) == {"start_up", "first_fit", "fit", "server_evaluate", "site_evaluate"}
+    assert all(v >= 0 for v in split.values())
+    assert sum(split.values()) <= summary["wall_seconds"]
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["phase"] == "train"]
