@@ -58,12 +58,13 @@ def test_gaps_marks_each_target_met_missed_or_not_run():
         dp8=[_run(0, 0.58), _run(1, 0.58)],     # 2 and 4 points below: mean 3.0 -> met
         pooled=[_run(0, 0.65), _run(1, 0.63)],  # fed 5 and 1 below pooled: mean 3.0 > 2
     )
-    by_name = {g["other"]: g for g in gaps(configs)}
-    assert by_name["dp_eps8"]["gap_points"]["mean"] == pytest.approx(3.0)
-    assert by_name["dp_eps8"]["status"] == targets.MET
-    assert by_name["fed_nonprivate"]["gap_points"]["mean"] == pytest.approx(3.0)
-    assert by_name["fed_nonprivate"]["status"] == targets.MISSED
-    assert by_name["dp_eps3"]["status"] == targets.NOT_RUN  # quick mode runs no ε=3
+    by_pair = {(g["reference"], g["other"]): g for g in gaps(configs)}
+    assert by_pair["fed_nonprivate", "dp_eps8"]["gap_points"]["mean"] == pytest.approx(3.0)
+    assert by_pair["fed_nonprivate", "dp_eps8"]["status"] == targets.MET
+    assert by_pair["pooled", "fed_nonprivate"]["gap_points"]["mean"] == pytest.approx(3.0)
+    assert by_pair["pooled", "fed_nonprivate"]["status"] == targets.MISSED
+    assert by_pair["fed_nonprivate", "dp_eps3"]["status"] == targets.NOT_RUN  # quick: no ε=3
+    assert by_pair["pooled_allbatch", "fed_nonprivate"]["status"] == targets.NOT_RUN
 
 
 def test_failed_runs_are_left_out_of_means_and_gaps():
@@ -108,7 +109,9 @@ def test_round_overheads_from_a_metrics_log(tmp_path):
     assert r1["fit_overhead"] == pytest.approx(10.0 / 40.0)
     assert r2["round_seconds"] == pytest.approx(30.0)            # 80 - 50, not 80
     assert r2["fit_seconds"] == pytest.approx(24.0)              # 74 - 50
-    assert r2["evaluate_seconds"] == pytest.approx(6.0)
+    assert r2["server_test_seconds"] == pytest.approx(2.0)      # 76 - 74: the test set
+    assert r2["evaluate_seconds"] == pytest.approx(4.0)          # 80 - 76: the sites'
+    assert r1["server_test_seconds"] == pytest.approx(0.0)       # no test in round 1
     assert r2["overhead"] == pytest.approx(6.0 / 30.0)
     assert r2["fit_overhead"] == pytest.approx(0.0)
     assert out["first_round_overhead"] == pytest.approx(0.4)

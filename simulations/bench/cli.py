@@ -5,7 +5,8 @@
                         bytes, accounting, orchestration (minutes)
 
 results.json, results.md and the plots are rewritten after every section, so an
-interrupted bench keeps what it measured.
+interrupted bench keeps what it measured. default.yaml and strong_skew.yaml are
+resolved once at the start into <out>/config/: one bench, one set of defaults.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from simulations.bench import report
-from simulations.bench.runner import Bench, ENV, machine_info
+from simulations.bench.runner import DEFAULT_CONFIG, ENV, Bench, machine_info
 
 
 def _sections() -> dict:
@@ -86,13 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
     bench = Bench(out, args.device, args.quick, seeds, args.ray_address)
+    from simulations.bench.personalization import STRONG_SKEW
+
+    pinned = {p.name: str(bench.config(p)) for p in (DEFAULT_CONFIG, STRONG_SKEW)}
     started = time.perf_counter()
     results = {"mode": "quick" if args.quick else "full",
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "command": " ".join(["python -m simulations.bench",
                                     *map(shlex.quote, argv if argv is not None
                                          else sys.argv[1:])]),
-               "machine": machine_info(args.device), "sections": {}, "errors": {}}
+               "machine": machine_info(args.device), "configs": pinned,
+               "sections": {}, "errors": {}}
     bench.device = results["machine"]["device"]  # auto resolved once, for every child
     funcs = _sections()
     print(f"fedcare bench ({results['mode']}): {', '.join(only)} -> {out}", flush=True)

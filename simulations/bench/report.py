@@ -84,6 +84,9 @@ def header(results: dict) -> list[str]:
         ["load average at start", " / ".join(str(x) for x in m.get("load_average", []))],
         ["software", f"Python {m.get('python', '?')}; {versions}"],
         ["commit", commit],
+        ["configs", ", ".join(f"`config/{name}`" for name in results.get("configs", {}))
+         + " (resolved at the start; every run starts from them)"
+         if results.get("configs") else "—"],
         ["bench wall time", f"{num(results.get('wall_seconds'), 0)} s"],
     ]
     return [f"# fedcare benchmark ({results.get('mode', '?')})", "",
@@ -184,7 +187,8 @@ def render_orchestration(s: dict) -> list[str]:
             continue
         for r in run.get("rounds", []):
             rows.append([run["sites"], r["round"], num(r.get("round_seconds"), 1),
-                         num(r.get("fit_seconds"), 1), num(r.get("evaluate_seconds"), 1),
+                         num(r.get("fit_seconds"), 1), num(r.get("server_test_seconds"), 1),
+                         num(r.get("evaluate_seconds"), 1),
                          num(r.get("slowest_train_seconds"), 1),
                          num(r.get("overhead"), 1, 100) + "%",
                          num(r.get("fit_overhead"), 1, 100) + "%"])
@@ -198,11 +202,13 @@ def render_orchestration(s: dict) -> list[str]:
         for run in s["runs"] if run.get("time_split_seconds")]
     return ["overhead = (round wall − slowest site's train_seconds) / round wall; fit "
             "overhead uses the training phase only (up to the moment the updates reach the "
-            "server), so the sites' evaluation is not counted as orchestration. Round 1 "
-            "includes start-up (Ray, models, tokenising).", "",
+            "server), so the sites' evaluation and the server's test evaluation (last round) are "
+            "not counted as orchestration. Round 1 includes start-up (Ray, models, "
+            "tokenising, the sites' pooled features).", "",
             *table(["sites", "steady round s (rounds ≥ 2)", "steady overhead",
                     "steady fit overhead", "round-1 overhead"], summary), "",
-            *table(["sites", "round", "round s", "fit s", "evaluate s", "slowest train s",
+            *table(["sites", "round", "round s", "fit s", "server test s", "site evaluate s",
+                    "slowest train s",
                     "overhead", "fit overhead"], rows),
             *(["", "The server's own split of each run's time (summary.json):", *splits]
               if splits else []),

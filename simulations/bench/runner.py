@@ -140,12 +140,30 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "bench.log"
         self._runs: dict[str, SimRun] = {}
+        self._pinned: dict[Path, Path] = {}
+
+    def config(self, path: Path = DEFAULT_CONFIG) -> Path:
+        """The config at `path` resolved once per bench (every default written out) into
+        the bench folder: every run of one bench starts from the same settings, even if
+        the shipped defaults are edited while it runs."""
+        path = Path(path).resolve()
+        if path not in self._pinned:
+            from common.config import dump_yaml, load_yaml
+
+            pinned = self.out / "config" / path.name
+            pinned.parent.mkdir(parents=True, exist_ok=True)
+            pinned.write_text(f"# {path} as resolved when the bench started\n"
+                              + dump_yaml(load_yaml(path)))
+            self._pinned[path] = pinned
+        return self._pinned[path]
 
     def simulate(self, name: str, overrides: dict[str, Any],
                  config: Path = DEFAULT_CONFIG) -> SimRun:
         """simulations.run.simulate(load_yaml(config, overrides)) in a child process,
-        on the bench's device; the same (config, overrides) runs once per bench."""
+        on the bench's device, from the bench's pinned copy of `config`; the same
+        (config, overrides) runs once per bench."""
         overrides = {"train.device": self.device, **overrides}
+        config = self.config(config)
         key = json.dumps([str(config), overrides], sort_keys=True)
         if key in self._runs:
             return self._runs[key]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from simulations.bench import targets
 from simulations.bench.runner import DEFAULT_CONFIG, Bench
@@ -29,17 +30,24 @@ SERVER_OPTIMIZER = {"federation.server_optimizer": "fedadam",
                     "federation.server_learning_rate": 0.05}
 
 
-def setups() -> list[Setup]:
-    """Every configuration of the section, in table order."""
+def setups(base: Path = DEFAULT_CONFIG) -> list[Setup]:
+    """Every configuration of the section, in table order; sizes derive from `base`."""
     from common.config import load_yaml
 
-    sim = load_yaml(DEFAULT_CONFIG).simulation
+    cfg = load_yaml(base)
+    sim, train = cfg.simulation, cfg.train
     # the pooled site gets the CPUs the federation's sites share, so walls compare too
     pooled_cpus = max(1, min(os.cpu_count() or 1, int(sim.num_sites * sim.cpus_per_site)))
+    pooled = {"simulation.num_sites": 1, "data.partition": "iid", "federation.min_sites": 1,
+              "privacy.enabled": False, "simulation.cpus_per_site": pooled_cpus}
     return [
-        Setup("pooled", "pooled non-private (1 site, all data, IID)", {
-            "simulation.num_sites": 1, "data.partition": "iid", "federation.min_sites": 1,
-            "privacy.enabled": False, "simulation.cpus_per_site": pooled_cpus}),
+        # equal compute per site: the same rounds, steps and batch as one federated site
+        Setup("pooled", "pooled non-private (1 site, all data, IID), same batch", pooled),
+        # equal compute per round: the same steps over the records all sites' batches
+        # hold together (what simulations/configs/pooled.yaml calls equal compute)
+        Setup("pooled_allbatch", f"pooled non-private, batch × {sim.num_sites} sites", {
+            **pooled, "train.batch_size": train.batch_size * sim.num_sites,
+            "train.head_batch_size": train.head_batch_size * sim.num_sites}),
         Setup("fed_nonprivate", "federated non-private", {"privacy.enabled": False}),
         Setup("dp_eps1", "federated DP ε=1", {"privacy.target_epsilon": 1.0}),
         Setup("dp_eps3", "federated DP ε=3", {"privacy.target_epsilon": 3.0}),
@@ -52,19 +60,19 @@ def setups() -> list[Setup]:
 QUICK = ("fed_nonprivate", "dp_eps8")
 
 
-def run_overrides(name: str, seed: int) -> tuple[str, dict]:
+def run_overrides(bench: Bench, name: str, seed: int) -> tuple[str, dict]:
     """(run folder name, overrides) of configuration `name` at `seed`: one definition,
     so another section asking for the same run gets the same simulation back."""
-    setup = next(s for s in setups() if s.name == name)
+    setup = next(s for s in setups(bench.config()) if s.name == name)
     return f"{name}-seed{seed}", {**setup.overrides, "data.seed": seed}
 
 
 def utility(bench: Bench) -> dict:
-    chosen = [s for s in setups() if not bench.quick or s.name in QUICK]
+    chosen = [s for s in setups(bench.config()) if not bench.quick or s.name in QUICK]
     per_setup: dict[str, list[dict]] = {s.name: [] for s in chosen}
     for seed in bench.seeds:  # seeds outside, setups inside: load drift hits every setup
         for setup in chosen:
-            name, overrides = run_overrides(setup.name, seed)
+            name, overrides = run_overrides(bench, setup.name, seed)
             run = bench.simulate(name, overrides)
             per_setup[setup.name].append({"seed": seed, **run.record()})
     configs = [summarize(s, per_setup[s.name]) for s in chosen]

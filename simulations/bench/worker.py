@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-# The DP-cost shapes. "demo": one site's ICD texts as the demo trains them (the
-# config's Poisson batch and chunk size); "b32x128": 32 records of exactly 128 tokens.
-SHAPES = ("demo", "b32x128")
+# The DP-cost shapes. "demo": one site's ICD texts through the whole classifier as a
+# LoRA round trains them (the config's Poisson batch and chunk size); "head": a head
+# round, the head alone on the site's pooled features (what the default's first rounds
+# train); "b32x128": 32 records of exactly 128 tokens through the whole classifier.
+SHAPES = ("demo", "head", "b32x128")
 FIXED_ROWS, FIXED_TOKENS = 32, 128
 
 
@@ -52,8 +54,9 @@ def cmd_step(args) -> int:
     from client.training import PrivateStep, train_plain, train_private
     from common.config import load_yaml
     from common.data import federated_data
-    from common.evaluation import encode
-    from common.model import build_model, load_tokenizer, pick_device
+    from common.evaluation import encode, pooled_features
+    from common.model import (build_model, classifier_of, load_tokenizer, pick_device,
+                              trainable_head)
     from common.privacy import accounting
 
     cfg = load_yaml(args.config)
@@ -63,17 +66,22 @@ def cmd_step(args) -> int:
     sites, test = federated_data(cfg.data, cfg.simulation.num_sites)
     tokenizer = load_tokenizer(cfg.model.base_model)
     data = encode(sites[0].train, tokenizer, cfg.model.max_length)
-    if args.shape == "demo":
-        batch, chunk = cfg.train.batch_size, cfg.train.chunk_size
-        rate = accounting.sample_rate(batch, len(data))
-    else:  # q = 1: every step takes all 32 records, in one chunk
-        data = fixed_length(data, FIXED_ROWS, FIXED_TOKENS)
-        batch, chunk, rate = FIXED_ROWS, max(cfg.train.chunk_size, FIXED_ROWS), 1.0
     model = build_model(cfg.model.base_model, len(test.label_names), cfg.lora,
                         cfg.model.pooling).to(device)
+    module, chunk, lr = model, cfg.train.chunk_size, cfg.train.learning_rate
+    if args.shape == "demo":
+        batch = cfg.train.batch_size
+        rate = accounting.sample_rate(batch, len(data))
+    elif args.shape == "head":  # a head round: the head alone on pooled features
+        data = pooled_features(classifier_of(model), data, device)
+        module, batch, lr = trainable_head(model), cfg.train.head_batch_size, \
+            cfg.train.head_learning_rate
+        rate = accounting.sample_rate(batch, len(data))
+    else:  # q = 1: every step takes all 32 records, in one chunk (b32x128)
+        data = fixed_length(data, FIXED_ROWS, FIXED_TOKENS)
+        batch, chunk, rate = FIXED_ROWS, max(cfg.train.chunk_size, FIXED_ROWS), 1.0
     gen = torch.Generator().manual_seed(args.seed)
     total = args.warmup + args.steps
-    lr = cfg.train.learning_rate
 
     def sync() -> None:
         if device.type == "cuda":
@@ -88,14 +96,14 @@ def cmd_step(args) -> int:
             sync()
             stamps.append(time.perf_counter())
 
-        stats = train_private(model, data, step, lr, chunk, device,
+        stats = train_private(module, data, step, lr, chunk, device,
                               accounting.make_accountant([], cfg.privacy.accountant), gen,
                               progress=progress)
         examples, taken = stats.examples, stats.steps - stats.empty_batches
     else:
         examples = taken = 0
         for _ in range(total):
-            stats = train_plain(model, data, batch, 1, lr, chunk, device, gen,
+            stats = train_plain(module, data, batch, 1, lr, chunk, device, gen,
                                 cfg.privacy.max_grad_norm)
             sync()
             stamps.append(time.perf_counter())
@@ -105,7 +113,7 @@ def cmd_step(args) -> int:
         "shape": args.shape, "mode": args.mode, "device": str(device),
         "threads": torch.get_num_threads(), "batch": batch, "chunk": chunk,
         "sample_rate": rate, "records": len(data),
-        "tokens_max": max(len(r) for r in data.ids),
+        "tokens_max": max(len(r) for r in data.ids) if hasattr(data, "ids") else None,
         "rows_per_step": examples / max(taken, 1),
         "step_seconds": seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
