@@ -28,8 +28,9 @@ from common.config import Config
 from common.data import SiteData, federated_data, process_cached, read_records, site_split
 from common.evaluation import Encoded, Features, encode, evaluate, pooled_features
 from common.keys import Keys
-from common.model import (build_model, classifier_of, get_adapter_arrays, load_tokenizer,
-                          pick_device, save_adapter, set_adapter_arrays, trainable_head)
+from common.model import (build_model, classifier_of, encoder_arrays, get_adapter_arrays,
+                          load_tokenizer, pick_device, save_adapter, set_adapter_arrays,
+                          trainable_head)
 from common.privacy import accounting
 
 class UpdateRangeError(ValueError):
@@ -195,7 +196,7 @@ class SiteTrainer:
             data, module = self._rows_and_module(phase)
             stats = train_plain(module, data, phase.batch_size, phase.steps,
                                 phase.learning_rate, t.chunk_size, self.device, gen)
-            arrays = get_adapter_arrays(self.model)
+            arrays = self.update(phase)
             self._check_range(arrays, secure)
         else:
             guard = self.guard()
@@ -206,10 +207,10 @@ class SiteTrainer:
                 accountant = accounting.make_accountant(guard.history(), guard.accountant)
                 stats = train_private(module, data, step, phase.learning_rate,
                                       t.chunk_size, self.device, accountant, gen)
-                arrays = get_adapter_arrays(self.model)
+                arrays = self.update(phase)
                 self._check_range(arrays, secure)
             except (accounting.BudgetError, UpdateRangeError) as err:
-                return self._refuse(guard, run_id, round_no, str(err), secure, metrics)
+                return self._refuse(guard, run_id, round_no, str(err), secure, metrics, phase)
             eps = guard.record_release(  # fsync first; the claim, never below what was spent
                 run_id, round_no, step, accounting.epsilon(
                     accountant.history, guard.policy.delta, guard.accountant),
@@ -237,13 +238,23 @@ class SiteTrainer:
                 f"an adapter value reaches {largest:.3g}, outside the secure aggregation "
                 f"range ±{limit:g}; raise federation.secagg_clipping_range")
 
+    def update(self, phase: Phase) -> list[np.ndarray]:
+        """The arrays this round sends: all of them, except that a head round sends
+        each LoRA tensor as an empty array (it did not change; the server keeps its
+        own copy), so a head round's update is the head alone."""
+        arrays = get_adapter_arrays(self.model)
+        if phase.name == "head":
+            for i in encoder_arrays(self.model):
+                arrays[i] = np.zeros((0,), dtype=arrays[i].dtype)
+        return arrays
+
     def _refuse(self, guard: SiteGuard, run_id: str, round_no: int, why: str, secure: bool,
-                metrics: dict) -> dict:
+                metrics: dict, phase: Phase) -> dict:
         reason = f"{self.site.name} refuses round {round_no}: {why}"
         guard.record_refusal(run_id, round_no, reason, secure)
         metrics.update({Keys.REFUSED: reason, Keys.EPSILON: guard.spent(),
                         Keys.LEDGER: guard.ledger_text()})
-        arrays = ([np.zeros_like(a) for a in get_adapter_arrays(self.model)] if secure else [])
+        arrays = [np.zeros_like(a) for a in self.update(phase)] if secure else []
         return {"arrays": arrays, "num_examples": 0, "metrics": metrics}
 
     def schedule(self, round_no: int, num_rounds: int) -> accounting.Schedule:

@@ -135,6 +135,12 @@ def trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def encoder_arrays(model) -> list[int]:
+    """Indices, among the travelling tensors, of the encoder's (the LoRA A/B): what a
+    head round leaves unchanged."""
+    return [i for i, name in enumerate(trainable_names(model)) if "lora_" in name]
+
+
 def get_adapter_arrays(model) -> list[np.ndarray]:
     """The tensors that travel: LoRA A/B and head, in parameter order, as float32."""
     return [p.detach().cpu().numpy().astype(np.float32, copy=True)

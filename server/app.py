@@ -24,7 +24,7 @@ from common.evaluation import encode, evaluate
 from common.keys import Keys
 from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
-                          save_adapter, set_adapter_arrays, trainable_names)
+                          save_adapter, set_adapter_arrays, encoder_arrays)
 from server.optimizer import build_strategy, describe
 from server.run_log import RunRecorder, format_metric
 from server.strategy import SiteAwareStrategy
@@ -104,10 +104,10 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
         fit_metrics_aggregation_fn=weighted_mean,
         evaluate_metrics_aggregation_fn=weighted_mean,
     )
-    encoder_arrays = [i for i, name in enumerate(trainable_names(model)) if "lora_" in name]
+    frozen = encoder_arrays(model)  # a head round sends them empty; the server keeps its own
     strategy = SiteAwareStrategy(
         inner, [a.shape for a in initial], recorder.record,
-        frozen=lambda r: encoder_arrays if r <= cfg.train.head_rounds else ())
+        frozen=lambda r: frozen if r <= cfg.train.head_rounds else ())
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
     fit_workflow = FitWorkflow(fed, inner)

@@ -15,9 +15,10 @@ adapter keeps the dtypes it started with (Flower's optimisers and SecAgg+ return
 float64, twice the bytes on the wire).
 
 Arrays that no site may change in a round (`frozen(round)`: the LoRA tensors of a
-head round) are kept exactly as they were sent, before the inner strategy sees the
-results and after it returns: SecAgg+'s quantisation and float averaging would
-otherwise nudge them, and a site's cached encoder features would go stale.
+head round) arrive empty (shape (0,)) and are kept exactly as they were sent, before
+the inner strategy sees the results and after it returns: no bytes are spent on
+them, and neither SecAgg+'s quantisation nor float averaging can nudge them (a
+site's cached encoder features would go stale).
 """
 
 from __future__ import annotations
@@ -94,16 +95,18 @@ class SiteAwareStrategy(Strategy):
         finally:
             self.clock.end()
 
-    def check_update(self, res: FitRes) -> str:
+    def check_update(self, res: FitRes, server_round: int = 0) -> str:
         """'' if the update may be averaged, else why not."""
         if not 0 < res.num_examples <= self.max_examples:
             return f"num_examples {res.num_examples} outside (0, {self.max_examples}]"
         arrays = parameters_to_ndarrays(res.parameters)
         if len(arrays) != len(self.shapes):
             return f"{len(arrays)} tensors, expected {len(self.shapes)}"
+        frozen = set(self.frozen(server_round))
         for i, (a, shape) in enumerate(zip(arrays, self.shapes)):
-            if a.shape != shape:
-                return f"tensor {i} has shape {a.shape}, expected {shape}"
+            expected = (0,) if i in frozen else shape
+            if a.shape != expected:
+                return f"tensor {i} has shape {a.shape}, expected {expected}"
             if not np.isfinite(a).all():
                 return f"tensor {i} has NaN or infinite values"
         return ""
@@ -120,7 +123,7 @@ class SiteAwareStrategy(Strategy):
             if row.get(Keys.REFUSED):
                 row["status"] = "refused"
             else:
-                problem = self.check_update(res)
+                problem = self.check_update(res, server_round)
                 row["status"] = f"rejected: {problem}" if problem else "accepted"
                 if problem:
                     log.warning("round %s: update of %s rejected: %s",

@@ -76,14 +76,14 @@ def _weighted_mean(folder: Path, sites: list[str]) -> list[np.ndarray]:
             for k in range(len(updates[0]))]
 
 
-def _run(tiny_model, tmp_path, sites: int, fail_site: str = ""):
+def _run(tiny_model, tmp_path, sites: int, fail_site: str = "", **sections):
     files = _files(tmp_path, sites)
     capture = tmp_path / "capture"
     capture.mkdir()
     cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": sites,
                                                      "secure_aggregation": "on",
                                                      "secagg_max_weight": MAX_WEIGHT},
-                      simulation={"num_sites": sites})
+                      simulation={"num_sites": sites}, **sections)
     run = simulate(cfg, tmp_path / "run", client_mods=[CaptureUpdates(capture, fail_site)])
     return run, capture, json.loads((run / "summary.json").read_text())
 
@@ -103,6 +103,31 @@ def test_secure_sum_is_the_weighted_fedavg_and_sites_record_it(tiny_model, tmp_p
     for site in ("site0", "site1", "site2"):
         entries = read_entries(run / "ledgers" / f"{site}.jsonl")
         assert entries and all(e["secure_aggregation"] is True for e in entries)
+
+
+def test_a_head_round_sends_only_the_head_and_the_lora_tensors_stay_bit_exact(
+        tiny_model, tmp_path):
+    from common.model import build_model, encoder_arrays
+    from common.config import LoraConfig
+
+    run, capture, summary = _run(tiny_model, tmp_path, 3, train={"head_rounds": 1})
+    assert summary["secure_aggregation"]["rounds"] == {"1": True}
+    initial = build_model(str(tiny_model), 4, LoraConfig(r=2, alpha=4))
+    lora = encoder_arrays(initial)
+    start, got = get_adapter_arrays(initial), _global_adapter(run, tiny_model)
+    sites = ["site0", "site1", "site2"]
+    for site in sites:
+        with np.load(capture / f"{site}.npz", allow_pickle=False) as sent:
+            assert all(sent[f"arr_{i}"].size == 0 for i in lora)  # nothing spent on them
+            head_bytes = sum(sent[k].nbytes for k in sent.files)
+        assert summary["bytes_sent_per_site_per_round"][site]["1"] == head_bytes
+    expected, tol = _weighted_mean(capture, sites), _tolerance(capture, sites)
+    for i, (g, s0) in enumerate(zip(got, start)):
+        if i in lora:
+            assert np.array_equal(g, s0)  # bit for bit: the sites' features stay valid
+        else:
+            np.testing.assert_allclose(g, expected[i], atol=tol, rtol=0)
+            assert not np.allclose(g, s0)
 
 
 def test_a_site_dropping_out_mid_round_does_not_cost_the_round(tiny_model, tmp_path):

@@ -270,12 +270,20 @@ def test_arrays_frozen_in_a_round_come_back_exactly_as_sent(name, shape):
     manager = SimpleNamespace(num_available=lambda: 3, wait_for=lambda *a, **k: True,
                               sample=lambda *a, **k: [])
     strategy.configure_fit(1, ndarrays_to_parameters(initial), manager)
-    updates = {s: [initial[0] + 1e-4 * rng.standard_normal(SHAPES[0]).astype(np.float32),
-                   _arrays(rng)[1]] for s in COUNTS}
+    updates = {s: [np.zeros((0,), np.float32), _arrays(rng)[1]] for s in COUNTS}
     params, _ = strategy.aggregate_fit(1, shape(updates), [])
     out = parameters_to_ndarrays(params)
     assert np.array_equal(out[0], initial[0])  # bit for bit
     assert not np.allclose(out[1], initial[1])  # the head moved
-    strategy.configure_fit(2, params, manager)  # round 2 freezes nothing
-    params, _ = strategy.aggregate_fit(2, shape(updates), [])
+    strategy.configure_fit(2, params, manager)  # round 2 freezes nothing: a full update
+    full = {s: [initial[0] + 1e-2 * rng.standard_normal(SHAPES[0]).astype(np.float32),
+                u[1]] for s, u in updates.items()}
+    params, _ = strategy.aggregate_fit(2, shape(full), [])
     assert not np.array_equal(parameters_to_ndarrays(params)[0], initial[0])
+    rows: list = []
+    strategy = SiteAwareStrategy(inner, SHAPES, lambda *row: rows.append(row),
+                                 frozen=lambda r: [0] if r == 3 else [])
+    strategy.configure_fit(3, params, manager)
+    strategy.aggregate_fit(3, plain_results(full), [])  # a full tensor where none belongs
+    assert {r["status"] for r in rows[-1][2]} == {
+        "rejected: tensor 0 has shape (3, 4), expected (0,)"}

@@ -132,8 +132,10 @@ def test_a_head_round_trains_the_head_on_cached_features_and_leaves_lora_alone(
     trainer = SiteTrainer(cfg, site)
     assert trainer.phase(1).name == "head" and trainer.phase(2).name == "lora"
     before = _params(trainer.model)
-    trainer.fit(1, 2, "run-h")
+    sent = trainer.fit(1, 2, "run-h")["arrays"]
     after = _params(trainer.model)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert [a.size > 0 for a in sent] == ["classifier" in n for n in names]  # head only
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("classifier" in n for n in changed)
     assert len(list((tmp_path / "s0" / "features").glob("*.safetensors"))) == 1  # train
