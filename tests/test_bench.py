@@ -155,11 +155,16 @@ def _results():
                         "gaps": gaps(configs)},
             "dp-cost": {"device": "cpu", "repetitions": 2, "warmup_steps": 1,
                         "timed_steps": 3, "limit_ratio": 1.1, "shapes": [shape]},
-            "bytes": {"adapter_params": 80658, "adapter_bytes": 322632,
-                      "model_params": 22720146, "model_bytes": 90880584, "percent": 0.355,
-                      "limit_percent": 0.35, "status": targets.MISSED,
+            "bytes": {"model_params": 22720146, "model_bytes": 90880584,
+                      "limit_percent": 0.35, "head_rounds": 4, "num_rounds": 4,
                       "lora": {"r": 8, "target_modules": ["query", "value"]},
-                      "sent_in_runs": {"dp_eps8-seed0": [322632]}},
+                      "updates": [{"kind": "LoRA round", "params": 80658, "bytes": 322632,
+                                   "percent": 0.355, "status": targets.MISSED},
+                                  {"kind": "head round", "params": 6930, "bytes": 27720,
+                                   "percent": 0.0305017, "status": targets.MET}],
+                      "recorded": [{"run": "dp_eps8-seed0", "kind": "as sent", "params": 0,
+                                    "bytes": 27720, "mean_bytes": 27720.0,
+                                    "percent": 0.0305017, "status": targets.MET}]},
         },
         "errors": {"accounting": "Traceback ...\nValueError: boom"},
     }
@@ -183,7 +188,11 @@ def test_markdown_names_the_machine_and_marks_each_target(tmp_path):
     assert _row(text, "dp_eps8").split(" | ")[5] == "5.0"  # points below fed. non-private
     assert _row(text, "one site").endswith("| met / **missed** |")
     assert "1.050×" in _row(text, "one site") and "1.250×" in _row(text, "one site")
-    assert _row(text, "80,658").endswith("| **missed** |") and "0.355%" in text
+    assert "| 1.00 ± 0.10 s |" in _row(text, "one site")
+    assert report.seconds({"mean": 0.0133, "sd": 0.002, "n": 2}) == "13.3 ± 2.0 ms"
+    assert _row(text, "LoRA round").endswith("| 80,658 | 322,632 | 0.355% | **missed** |")
+    assert _row(text, "head round").endswith("| 0.031% | met |")
+    assert "dp_eps8-seed0: as sent (largest; mean 27,720 B)" in text
     assert "## Sections that failed" in text and "ValueError: boom" in text
     assert "## 4." not in text  # a failed section has no table
 

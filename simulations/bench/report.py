@@ -34,6 +34,15 @@ def pm(stat: dict | None, digits: int = 3, scale: float = 1.0) -> str:
     return f"{stat['mean'] * scale:.{digits}f}"
 
 
+def seconds(stat: dict | None) -> str:
+    """A step time: seconds, or milliseconds below one second."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    if stat["mean"] < 1.0:
+        return pm(stat, 1, 1000.0) + " ms"
+    return pm(stat, 2) + " s"
+
+
 def gib(n) -> str:
     return "—" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -123,8 +132,8 @@ def render_dp_cost(s: dict) -> list[str]:
     rows = []
     for sh in s["shapes"]:
         mem = sh.get("memory_measure", "peak_rss_bytes")
-        rows.append([sh["label"], pm(sh["dp"]["step_seconds"], 2),
-                     pm(sh["plain"]["step_seconds"], 2),
+        rows.append([sh["label"], seconds(sh["dp"]["step_seconds"]),
+                     seconds(sh["plain"]["step_seconds"]),
                      f"{num(sh['dp']['rows_per_step'], 0)} / {num(sh['plain']['rows_per_step'], 0)}",
                      num(sh["time_ratio"], 3) + "×",
                      gib((sh["dp"][mem] or {}).get("mean")),
@@ -140,22 +149,22 @@ def render_dp_cost(s: dict) -> list[str]:
             f"warm-up + {s.get('timed_steps')} timed steps each, DP and plain interleaved. "
             "The time ratio compares seconds per nominal batch (Poisson batches vary in "
             f"size); memory is {memory_name}. Target: ≤ {s.get('limit_ratio', 1.1):g}× in both.",
-            "", *table(["shape", "DP s/step", "plain s/step", "rows/step DP / plain",
+            "", *table(["shape", "DP step", "plain step", "rows/step DP / plain",
                         "time DP/plain", "DP peak", "plain peak", "memory DP/plain",
                         "result (time / memory)"], rows)]
 
 
 def render_bytes(s: dict) -> list[str]:
-    sent = "; ".join(f"{run}: {', '.join(str(b) for b in values)} B"
-                     for run, values in (s.get("sent_in_runs") or {}).items())
-    return [f"LoRA r={s['lora']['r']} on {', '.join(s['lora']['target_modules'])} + head.", "",
-            *table(["adapter params", "update bytes", "model params", "fp32 model bytes",
-                    "update / model", "limit", "result"],
-                   [[f"{s['adapter_params']:,}", f"{s['adapter_bytes']:,}",
-                     f"{s['model_params']:,}", f"{s['model_bytes']:,}",
-                     f"{s['percent']:.3f}%", f"≤ {s['limit_percent']:g}%",
-                     mark(s["status"])]]),
-            "", f"Bytes sent per site per round as the runs recorded them: {sent or '—'}."]
+    rows = [[u["kind"], f"{u['params']:,}", f"{u['bytes']:,}", f"{u['percent']:.3f}%",
+             mark(u["status"])] for u in s["updates"]]
+    rows += [[f"{r['run']}: as sent (largest; mean {r['mean_bytes']:,.0f} B)", "—",
+              f"{r['bytes']:,}", f"{r['percent']:.3f}%", mark(r["status"])]
+             for r in s.get("recorded", [])]
+    return [f"Full model: {s['model_params']:,} parameters = {s['model_bytes']:,} bytes in "
+            f"fp32. LoRA r={s['lora']['r']} on {', '.join(s['lora']['target_modules'])}; the "
+            f"defaults run {s.get('head_rounds')} head round(s) of "
+            f"{s.get('num_rounds')}. Target: ≤ {s['limit_percent']:g}% of the model.", "",
+            *table(["update", "params", "bytes", "of the fp32 model", "result"], rows)]
 
 
 def render_accounting(s: dict) -> list[str]:
