@@ -227,3 +227,27 @@ def test_only_accepts_known_sections_in_bench_order():
     assert parse_only(None, quick=True) == list(QUICK_SECTIONS)
     with pytest.raises(SystemExit, match="unknown section 'speed'"):
         parse_only("utility,speed", quick=False)
+
+
+# -- personalisation -----------------------------------------------------------------
+def test_personalisation_rows_charge_the_global_and_the_total_epsilon():
+    from simulations.bench.personalization import site_rows
+
+    summary = {
+        "epsilon_per_site": {"site0": 8.0, "site1": 6.5},
+        "personalization": {
+            "site0": {"global": {"accuracy": 0.5, "macro_f1": 0.4},
+                      "personalized": {"accuracy": 0.7, "macro_f1": 0.45}, "refused": None},
+            "site1": {"global": {"accuracy": 0.6, "macro_f1": 0.5},
+                      "personalized": {}, "refused": "site1 does not personalise: budget"}}}
+    metrics = [{"phase": "train", "site": "site0", "round": 1, "epsilon": 5.0},
+               {"phase": "train", "site": "site0", "round": 2, "epsilon": 7.2},
+               {"phase": "evaluate", "site": "site0", "round": 2, "epsilon": 8.0},
+               {"phase": "train", "site": "site1", "round": 2, "epsilon": 6.5}]
+    s0, s1 = site_rows(3, summary, metrics)
+    assert (s0["seed"], s0["site"]) == (3, "site0")
+    assert s0["epsilon_global"] == 7.2      # the last federated round, not personalising
+    assert s0["epsilon_total"] == 8.0       # what the site was charged in all
+    assert (s0["global_accuracy"], s0["personal_accuracy"]) == (0.5, 0.7)
+    assert s1["personal_macro_f1"] is None and s1["refused"].startswith("site1")
+    assert s1["epsilon_global"] == s1["epsilon_total"] == 6.5
