@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -51,7 +52,9 @@ class TextDataset:
 
 def load_icd10() -> TextDataset:
     """ICD-10-CM leaf-code descriptions labelled with their chapter (1-18)."""
-    import simple_icd_10_cm as cm
+    with warnings.catch_warnings():  # the package reads its data with a deprecated API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import simple_icd_10_cm as cm
 
     chapters = [str(i) for i in range(1, ICD10_CHAPTERS + 1)]
     names = tuple(cm.get_description(c).rsplit(" (", 1)[0] for c in chapters)

@@ -92,6 +92,7 @@ def build_base(base_model: str, num_labels: int, pooling: str = "mean",
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # unused pretraining heads are expected here
+    hf_logging.disable_progress_bar()  # a bar per site and round says nothing to a user
     encoder = AutoModel.from_pretrained(resolve_base_model(base_model))
     torch.manual_seed(seed)  # the head's initial weights are the same on every site
     return PooledClassifier(encoder, num_labels, pooling)
