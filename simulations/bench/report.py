@@ -311,25 +311,25 @@ def plot_utility(plt, s):
 
 
 def plot_dp_cost(plt, s):
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    fig, (ratio, absolute) = plt.subplots(1, 2, figsize=(10, 4))
     labels = [sh["shape"] for sh in s["shapes"]]
+    xs = range(len(labels))
     width = 0.38
-    for ax, (what, unit) in zip(axes, (("seconds_per_nominal_batch", "s / step"),
-                                       ("memory", "GiB"))):
-        for k, mode in enumerate(("plain", "dp")):
-            if what == "memory":
-                vals = [(sh[mode][sh.get("memory_measure", "peak_rss_bytes")] or {})
-                        .get("mean", 0) / 2**30 for sh in s["shapes"]]
-            else:
-                vals = [sh[mode][what]["mean"] or 0 for sh in s["shapes"]]
-            ax.bar([i + (k - 0.5) * width for i in range(len(labels))], vals, width,
-                   label=mode)
-        ax.set_xticks(range(len(labels)))
+    for k, (key, name) in enumerate((("time_ratio", "time"), ("memory_ratio", "peak memory"))):
+        ratio.bar([i + (k - 0.5) * width for i in xs],
+                  [sh.get(key) or 0 for sh in s["shapes"]], width, label=name)
+    ratio.axhline(s.get("limit_ratio", 1.1), color="k", ls="--", lw=1, label="target")
+    ratio.set_title("DP / plain")
+    for k, mode in enumerate(("plain", "dp")):
+        absolute.bar([i + (k - 0.5) * width for i in xs],
+                     [sh[mode]["seconds_per_nominal_batch"]["mean"] or 0 for sh in s["shapes"]],
+                     width, label=mode)
+    absolute.set_yscale("log")
+    absolute.set_title("seconds per step (nominal batch)")
+    for ax in (ratio, absolute):
+        ax.set_xticks(list(xs))
         ax.set_xticklabels(labels)
-        ax.set_ylabel(unit)
-        ax.legend()
-    axes[0].set_title("time per step (nominal batch)")
-    axes[1].set_title("peak memory")
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -362,6 +362,7 @@ def plot_orchestration(plt, s):
         rest = [r["round_seconds"] - r["slowest_train_seconds"] for r in rounds]
         ax.bar(xs, train, label="slowest site's training")
         ax.bar(xs, rest, bottom=train, label="everything else")
+        ax.set_xticks(xs)
         ax.set_xlabel("round")
         ax.set_ylabel("seconds")
         ax.set_title(f"{run['sites']} sites")
