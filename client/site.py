@@ -261,10 +261,10 @@ class SiteTrainer:
         """(sample rate, steps) of everything this run will still release from
         `round_no` on: its head rounds, its LoRA rounds and the personalisation."""
         t, n = self.cfg.train, len(self.train_data)
-        head = [self.phase(r) for r in range(round_no, num_rounds + 1)]
+        rounds = [self.phase(r) for r in range(round_no, num_rounds + 1)]
         last = self.phase(num_rounds)
         plan: dict[float, int] = {}
-        for p in [*head, dataclasses.replace(last, steps=t.personalize_steps)]:
+        for p in [*rounds, dataclasses.replace(last, steps=t.personalize_steps)]:
             q = accounting.sample_rate(p.batch_size, n)
             plan[q] = plan.get(q, 0) + p.steps
         return [(q, steps) for q, steps in plan.items() if steps > 0]
