@@ -51,22 +51,30 @@ class Features:
 
 
 @torch.no_grad()
+def _per_row(model, data: "Encoded | Features", batch_size: int, compute) -> torch.Tensor:
+    """(N, D): `compute(rows)` -> (B, D) for every record, in data order, with `model`
+    in eval mode (no dropout); token rows come length-sorted from `data.pieces`."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty((len(data), 0))
+    try:
+        for rows in data.pieces(range(len(data)), batch_size):
+            values = compute(rows).float().cpu()
+            if out.shape[1] == 0:
+                out = torch.empty((len(data), values.shape[1]))
+            out[rows] = values
+    finally:
+        model.train(was_training)
+    return out
+
+
 def pooled_features(classifier, data: Encoded, device: torch.device,
                     batch_size: int = 256) -> Features:
-    """`classifier.features` of every record (eval mode: no dropout), in data order."""
-    was_training = classifier.training
-    classifier.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
-    x = None
-    for k in range(0, len(order), batch_size):
-        rows = order[k: k + batch_size]
+    """`classifier.features` of every record, in data order."""
+    def compute(rows):
         ids, mask, _ = collate(data, rows, device)
-        pooled = classifier.features(ids, mask).float().cpu()  # (B, H)
-        if x is None:
-            x = torch.empty((len(data), pooled.shape[1]), dtype=torch.float32)
-        x[rows] = pooled
-    classifier.train(was_training)
-    return Features(x if x is not None else torch.empty((0, 0)), data.labels)
+        return classifier.features(ids, mask)  # (B, H)
+    return Features(_per_row(classifier, data, batch_size, compute), data.labels)
 
 
 def encode(ds: TextDataset, tokenizer, max_length: int) -> Encoded:
@@ -92,24 +100,12 @@ def chunks(data: Encoded, rows: Sequence[int], size: int) -> list[list[int]]:
     return [ordered[k: k + size] for k in range(0, len(ordered), size)]
 
 
-@torch.no_grad()
 def predict_probs(model, data: Encoded | Features, device: torch.device,
                   batch_size: int = 256) -> np.ndarray:
     """(N, C) softmax probabilities, in the order of `data` (`model` is the whole
     classifier for token ids, the head for features)."""
-    was_training = model.training
-    model.eval()
-    rows = list(range(len(data)))
-    if isinstance(data, Encoded):
-        rows.sort(key=lambda i: len(data.ids[i]))
-    out = np.zeros((len(data), 0), dtype=np.float32)
-    for piece in data.pieces(rows, batch_size):
-        probs = torch.softmax(data.logits(model, piece, device).float(), -1).cpu().numpy()
-        if out.shape[1] == 0:
-            out = np.zeros((len(data), probs.shape[1]), dtype=np.float32)
-        out[piece] = probs
-    model.train(was_training)
-    return out
+    return _per_row(model, data, batch_size, lambda rows: torch.softmax(
+        data.logits(model, rows, device).float(), -1)).numpy()
 
 
 def evaluate(model, data: Encoded | Features, num_classes: int, device: torch.device) -> dict[str, float]:

@@ -126,10 +126,12 @@ def classifier_of(model) -> PooledClassifier:
 
 def trainable_head(model) -> torch.nn.Linear:
     """The head's trainable copy (PEFT's modules_to_save), as a plain Linear."""
+    from peft.utils import ModulesToSaveWrapper
+
     head = classifier_of(model).classifier
-    active = getattr(head, "modules_to_save", None)
-    return active[head.active_adapter if isinstance(head.active_adapter, str)
-                  else head.active_adapters[0]] if active is not None else head
+    if isinstance(head, ModulesToSaveWrapper):
+        return head.modules_to_save[head.active_adapters[0]]
+    return head
 
 
 def trainable_names(model) -> list[str]:
