@@ -3,7 +3,10 @@
 Private steps are Opacus DP-SGD: Poisson sampling at rate q, per-example clipping
 to C, Gaussian noise σ·C, accounted by an accountant that continues the site's
 history. A Poisson batch is run as length-sorted chunks (Opacus virtual steps), so
-one optimizer step = one sampled batch = one accounted step.
+one optimizer step = one sampled batch = one accounted step. An empty batch is a
+noise-only step, as in Opacus: skipping it would show in the update that it was empty.
+Sampling draws from the caller's CPU generator; the noise from a generator on the
+model's device seeded from it, so one secret seed drives the round.
 
 The same loops train either the whole classifier on token ids (LoRA + head) or, in a
 head round, only the head on pooled features the frozen encoder computed once: the
@@ -50,8 +53,11 @@ def _forward_loss(model, data: Rows, rows, device) -> torch.Tensor:
 def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
                   chunk_size: int, device: torch.device, accountant,
                   generator: torch.Generator,
-                  progress: Callable[[int, float], None] | None = None) -> TrainStats:
+                  progress: Callable[[int, float], None] | None = None,
+                  public_size: int = 0) -> TrainStats:
     """`step.steps` DP-SGD steps on `model`; each step is recorded in `accountant`.
+    `public_size`: the training-set size the site states (a noisy count); the noisy sum
+    is divided by q times it, so the update's scale does not reveal the exact n.
 
     The model's trainable parameters change in place. Per-sample gradient hooks are
     removed before returning, so the model can be wrapped again next round.
@@ -67,8 +73,10 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=learning_rate),
         noise_multiplier=step.noise_multiplier, max_grad_norm=step.max_grad_norm,
-        expected_batch_size=max(1, round(step.sample_rate * n)), loss_reduction="mean",
-        generator=generator,  # noise from the caller's (securely seeded) generator
+        # the sum is scaled by q·(the size the site states), never by the exact n
+        expected_batch_size=max(1, round(step.sample_rate * (public_size or n))),
+        loss_reduction="mean",
+        generator=_noise_generator(generator, device),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(
         sample_rate=step.sample_rate))
@@ -77,13 +85,11 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
         for k in range(step.steps):
             sampled = torch.nonzero(
                 torch.rand(n, generator=generator) < step.sample_rate).flatten().tolist()
-            if not sampled:  # nothing released, but accounted as a full step
-                accountant.step(noise_multiplier=step.noise_multiplier,
-                                sample_rate=step.sample_rate)
+            if not sampled:
+                noise_step(optimizer)
                 empty += 1
                 continue
-            total = private_batch(gsm, optimizer, data, sampled, chunk_size, device)
-            losses.append(total)
+            losses.append(private_batch(gsm, optimizer, data, sampled, chunk_size, device))
             examples += len(sampled)
             if progress:
                 progress(k + 1, losses[-1])
@@ -109,6 +115,23 @@ def private_batch(gsm, optimizer, data: Rows, rows: Sequence[int], chunk_size: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return total / len(rows)
+
+
+def noise_step(optimizer) -> None:
+    """The step of an empty Poisson batch: no gradients, but noise σ·C scaled by E[B],
+    an optimizer step, and one accounted step through the optimizer's hook, exactly as
+    Opacus takes it (its clipping accepts per-sample gradients of zero rows)."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _noise_generator(sampling: torch.Generator, device) -> torch.Generator:
+    """A generator on `device` for the noise (a CPU generator cannot fill CUDA tensors),
+    seeded from the sampling generator so one secret seed still drives the round."""
+    seed = int(torch.randint(0, 2 ** 63 - 1, (1,), generator=sampling))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def train_plain(model, data: Rows, batch_size: int, steps: int, learning_rate: float,
