@@ -3,7 +3,13 @@
     RUN/config.yaml      the resolved configuration (every default written out)
     RUN/metrics.jsonl    one line per (round, phase, site): train, evaluate, test
     RUN/adapter/         the final global adapter in PEFT format
-    RUN/summary.json     final test metrics, ε per site, wall time, bytes per round
+    RUN/ledgers/         each site's signed ledger and public key, and <site>.heads.jsonl:
+                         every ledger head ("seq:hash") the site reported, with its round
+                         and phase: evidence the auditor checks the ledger still extends
+    RUN/summary.json     final test metrics, ε and δ per site, wall time, bytes per round
+
+A site keeps its training loss and timings; its evaluation metrics come from a noisy
+confusion matrix (no loss), or not at all (`evaluated` False).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 from common.config import Config, dump_yaml
 from common.keys import Keys
 from common.metrics import weighted_mean
+from common.privacy.ledger import dataset_of, heads_file
 
 
 ALL_SITES = "all"  # the example-weighted mean over sites, written after each evaluation
@@ -45,6 +52,7 @@ class RunRecorder:
         self.start = time.perf_counter()
         self.rows: list[dict] = []
         self.warned: set[str] = set()
+        self.bad_names: set[str] = set()
         (self.dir / "config.yaml").write_text(dump_yaml(cfg))
         self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
         self.say(f"fedcare run {self.dir} — {privacy_label(cfg)}")
@@ -52,24 +60,50 @@ class RunRecorder:
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
+    def _ledger_path(self, site: str) -> Path | None:
+        """ledgers/<site>.jsonl, or None (and a warning) for a name that would leave
+        the folder; sites' names are checked upstream, this is the last line."""
+        folder = self.dir / "ledgers"
+        if not site or site.endswith(".heads") or any(
+                bad in site for bad in ("/", "\\", "..", "\0")):
+            if site not in self.bad_names:  # once per name, not per row
+                self.bad_names.add(site)
+                self.say(f"WARNING: site name {site!r} cannot name a file in {folder}; its "
+                         "ledger and heads are not kept.")
+            return None
+        folder.mkdir(exist_ok=True)
+        return folder / f"{site}.jsonl"
+
     def store_ledger(self, site: str, ledger: str, public_key: str) -> None:
         """Keep the site's signed ledger beside its public key, for `fedcare audit`.
         A ledger that does not extend the copy already held is kept too, and flagged."""
-        folder = self.dir / "ledgers"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{site}.jsonl"
+        path = self._ledger_path(site)
+        if path is None:
+            return
         if path.exists() and not ledger.startswith(path.read_text(encoding="utf-8")):
             self.say(f"WARNING: {site} sent a ledger that rewrites its earlier entries; "
                      f"the earlier copy is kept as {path.name}.previous")
-            path.replace(folder / f"{site}.jsonl.previous")
+            path.replace(path.with_name(f"{site}.jsonl.previous"))
         path.write_text(ledger, encoding="utf-8")
         if public_key:
-            (folder / f"{site}.pub.pem").write_text(public_key, encoding="utf-8")
+            path.with_name(f"{site}.pub.pem").write_text(public_key, encoding="utf-8")
+
+    def store_head(self, site: str, phase: str, round_no: int, head: str) -> None:
+        """Append a head the site reported; the site cannot take it back later."""
+        path = self._ledger_path(site)
+        if path is None:
+            return
+        with heads_file(path).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"round": round_no, "phase": phase, "head": str(head)})
+                         + "\n")
 
     def record(self, phase: str, round_no: int, rows: list[dict]) -> None:
         stamp = round(time.perf_counter() - self.start, 2)
         for row in rows:
             ledger, key = row.pop(Keys.LEDGER, None), row.pop(Keys.SITE_PUBLIC_KEY, "")
+            head = row.pop(Keys.LEDGER_HEAD, None)
+            if head and Keys.SITE in row:
+                self.store_head(str(row[Keys.SITE]), phase, round_no, head)
             if ledger is not None and Keys.SITE in row:
                 self.store_ledger(str(row[Keys.SITE]), str(ledger), str(key))
                 if phase == "train":
@@ -79,11 +113,12 @@ class RunRecorder:
                    "private": self.cfg.privacy.enabled,
                    **{k: _clean(v) for k, v in row.items() if not isinstance(v, bytes)}}
             self._write(row)
+        evaluated = [r for r in rows if _evaluated(r)]
         if phase == "evaluate" and rows:
             self._write({"round": round_no, "phase": phase, "wall_seconds": stamp,
                          "private": self.cfg.privacy.enabled, Keys.SITE: ALL_SITES,
-                         "num_examples": sum(r.get("num_examples", 0) for r in rows),
-                         **_weighted(rows, METRICS)})
+                         "num_examples": sum(r.get("num_examples", 0) for r in evaluated),
+                         **_weighted(evaluated, METRICS)})
         self._metrics.flush()
         if phase == "evaluate":
             self.say(self.progress_line(round_no))
@@ -97,23 +132,26 @@ class RunRecorder:
                 and r[Keys.SITE] != ALL_SITES]
 
     def progress_line(self, round_no: int) -> str:
-        train = [r for r in self._phase("train", round_no) if r.get("status") == "accepted"]
-        val = self._phase("evaluate", round_no)
-        loss = _weighted(train, (Keys.TRAIN_LOSS,))[Keys.TRAIN_LOSS]
+        val = [r for r in self._phase("evaluate", round_no) if _evaluated(r)]
         f1 = _weighted(val, ("macro_f1",))["macro_f1"]
         parts = [f"round {round_no}/{self.cfg.federation.num_rounds}",
                  f"{time.perf_counter() - self.start:6.1f}s",
-                 f"train loss {format_metric(loss)}", f"val macro-F1 {format_metric(f1)}"]
+                 f"val macro-F1 {format_metric(f1)}"]
         if self.cfg.privacy.enabled:
             rows = sorted(self._phase("train", round_no), key=lambda r: r[Keys.SITE])
             sigmas = sorted({round(r[Keys.NOISE_MULTIPLIER], 2) for r in rows
                              if r.get(Keys.NOISE_MULTIPLIER)})
             if sigmas:
                 parts.append("σ " + "/".join(f"{v:.2f}" for v in sigmas))
-            eps = " ".join(f"{r[Keys.SITE]}={r[Keys.EPSILON]:.2f}"
-                           + (f"({r[BUDGET_LEFT]:.2f})" if r.get(BUDGET_LEFT) is not None
-                              else "")
-                           for r in rows if r.get(Keys.EPSILON) is not None)
+            # a site's evaluation is a release too: its reply carries the ε after it
+            later = {r[Keys.SITE]: r[Keys.EPSILON] for r in self._phase("evaluate", round_no)
+                     if r.get(Keys.EPSILON) is not None}
+            spent = {r[Keys.SITE]: max(r[Keys.EPSILON], later.get(r[Keys.SITE], 0.0))
+                     for r in rows if r.get(Keys.EPSILON) is not None}
+            eps = " ".join(f"{r[Keys.SITE]}={spent[r[Keys.SITE]]:.2f}"
+                           + (f"({max(0.0, r[BUDGET] - spent[r[Keys.SITE]]):.2f})"
+                              if r.get(BUDGET) is not None else "")
+                           for r in rows if r[Keys.SITE] in spent)
             parts.append(f"ε spent (left) {eps}")
         else:
             parts.append("NON-PRIVATE")
@@ -123,17 +161,21 @@ class RunRecorder:
                    if r.get("status") != "accepted"]
         if refused:
             parts.append(f"no update from {', '.join(refused)}")
+        failed = [f"{r[Keys.SITE]} ({r[Keys.ERROR]})" for r in self._phase("evaluate", round_no)
+                  if r.get(Keys.ERROR)]
+        if failed:
+            parts.append(f"evaluation failed at {', '.join(failed)}: see each site's own log")
         return " | ".join(parts)
 
     def _say_prior_spending(self, row: dict) -> None:
-        """Once per site and run: a site that had spent budget on this data in earlier
+        """Once per site and run: a site that had spent budget on this dataset in earlier
         runs trains with more noise than a fresh one; the operator should know why."""
         prior, site = row.get(PRIOR_EPSILON), row[Keys.SITE]
         if not prior or site in self.warned:
             return
         self.warned.add(site)
         self.say(f"NOTE: {site} had already spent ε={prior:.3g} of its budget "
-                 f"{row.get(BUDGET):g} on this data in earlier runs, so this run gets only "
+                 f"{row.get(BUDGET):g} on this dataset in earlier runs, so this run gets only "
                  f"what is left: σ={row.get(Keys.NOISE_MULTIPLIER) or 0:.3g} "
                  "(more noise than a fresh site), or a refusal")
 
@@ -145,11 +187,25 @@ class RunRecorder:
                 or Keys.PERSONALIZED_REFUSED in r]
         return {r[Keys.SITE]: _split_personalized(r) for r in rows} or None
 
+    def _site_delta(self, site: str) -> float | None:
+        """The δ the site itself used (sites choose theirs): its last train row's, else
+        its stored ledger's last entry's."""
+        for r in reversed(self.rows):
+            if r["phase"] == "train" and r[Keys.SITE] == site and r.get(Keys.DELTA):
+                return float(r[Keys.DELTA])
+        path = self.dir / "ledgers" / f"{site}.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            return float(json.loads(lines[-1])["delta"]) if lines else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable ledger is the auditor's finding
+
     def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
         sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"
                         and r[Keys.SITE] != "?"})
         epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r[Keys.SITE] == s
                            and r.get(Keys.EPSILON) is not None), default=None) for s in sites}
+        delta = {s: self._site_delta(s) for s in sites}
         bytes_sent = {s: {str(r["round"]): r.get(Keys.BYTES_SENT, 0) for r in self.rows
                           if r["phase"] == "train" and r[Keys.SITE] == s} for s in sites}
         out = {
@@ -159,7 +215,8 @@ class RunRecorder:
             "sites": sites,
             "test": {k: _clean(v) for k, v in (test_metrics or {}).items()},
             "epsilon_per_site": epsilon if self.cfg.privacy.enabled else None,
-            "delta": self.cfg.privacy.delta if self.cfg.privacy.enabled else None,
+            "delta": self.cfg.privacy.delta if self.cfg.privacy.enabled else None,  # target
+            "delta_per_site": delta if self.cfg.privacy.enabled else None,
             "bytes_sent_per_site_per_round": bytes_sent,
             "wall_seconds": round(time.perf_counter() - self.start, 2),
             "personalization": self._personalization(),
@@ -174,12 +231,12 @@ BUDGET, BUDGET_LEFT, PRIOR_EPSILON = "epsilon_budget", "epsilon_left", "epsilon_
 
 
 def _budget_facts(ledger: str, run_id: str) -> dict:
-    """The site's budget, what is left of it, and what it had spent on the same data
+    """The site's budget, what is left of it, and what it had spent on the same dataset
     before this run, read from the signed ledger the site sent (its last entry)."""
     try:
         entries = [json.loads(line) for line in ledger.splitlines() if line.strip()]
         last = entries[-1]
-        same = [e for e in entries if e.get("data_fingerprint") == last["data_fingerprint"]]
+        same = [e for e in entries if dataset_of(e) == dataset_of(last)]
         budget = float(last["epsilon_budget"])
         before = [float(e["epsilon"]) for e in same if e.get("run_id") != run_id]
         facts = {BUDGET: budget, BUDGET_LEFT: max(0.0, budget - float(last["epsilon"])),
@@ -194,9 +251,14 @@ def _split_personalized(row: dict) -> dict:
     return {
         "global": {k: row.get(k) for k in names},
         "personalized": {k: row.get(f"personalized_{k}") for k in names},
-        "adapter": row.get(Keys.PERSONALIZED_ADAPTER),
+        "saved_at_site": bool(row.get(Keys.PERSONALIZED_ADAPTER)),
         "refused": row.get(Keys.PERSONALIZED_REFUSED),
     }
+
+
+def _evaluated(row: dict) -> bool:
+    """A site row that carries evaluation metrics: not withheld, not failed."""
+    return row.get(Keys.EVALUATED, True) is not False and not row.get(Keys.ERROR)
 
 
 def format_metric(value: float | None) -> str:

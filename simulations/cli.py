@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = site_sub.add_parser("init", help="create (or show) the site's ledger signing key")
     init.add_argument("state_dir", help="the site's state folder (its node config's state-dir)")
     init.set_defaults(func=cmd_site_init)
+    from client.site_cli import register as register_site
+    register_site(site_sub)
 
     from common.certs import register as register_certs
     from common.predict import register as register_predict

@@ -23,9 +23,10 @@ from common.privacy.keys import (
     public_key_fingerprint, public_key_pem, signature_valid,
 )
 from common.privacy.ledger import (
-    GENESIS_HASH, REQUIRED_FIELDS, Ledger, LedgerEntryError, LedgerFormatError,
-    LedgerConcurrentWriteError, LedgerIntegrityError, LedgerTruncatedError, canonical_json,
-    discard_incomplete_tail, entry_hash, read_entries,
+    GAUSSIAN_MECHANISM, GENESIS_HASH, REQUIRED_FIELDS, Ledger, LedgerEntryError,
+    LedgerFormatError, LedgerConcurrentWriteError, LedgerIntegrityError, LedgerTruncatedError,
+    canonical_json, dataset_of, discard_incomplete_tail, entry_hash, format_head, heads_file,
+    parse_head, read_entries,
 )
 
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson"}
@@ -61,6 +62,22 @@ def fields(site: str, rnd: int, history: list, release, budget: float) -> dict:
     sigma, q, steps = release
     return {**base, "kind": "train", "noise_multiplier": sigma, "sample_rate": q,
             "steps": steps, "epsilon": claimed_epsilon(history), "update_sha256": "ab" * 32}
+
+
+def gaussian(kind: str, rnd: int, history: list, sigma: float = 4.0, **extra) -> dict:
+    """An evaluate or size release: one Gaussian mechanism of sensitivity 1, (σ, 1.0, 1)."""
+    base = fields("hospital_a", rnd, [], (sigma, 1.0, 1), 8.0)
+    history.append((sigma, 1.0, 1))
+    return {**base, "kind": kind, "mechanism": dict(GAUSSIAN_MECHANISM), "update_sha256": None,
+            "epsilon": claimed_epsilon(history),
+            **({"released_value": 812.4} if kind == "size" else {}), **extra}
+
+
+def start(dataset: str, reason: str = "records of a new ward", **extra) -> dict:
+    """A "dataset" entry: the site declares a new dataset with a fresh budget."""
+    base = fields("hospital_a", 0, [], None, 8.0)
+    return {**base, "kind": "dataset", "dataset": dataset, "data_fingerprint": "none",
+            "epsilon": 0.0, "reason": reason, **extra}
 
 
 def build_ledger(path: Path, key, site: str = "hospital_a", rounds=ROUNDS,
@@ -252,3 +269,124 @@ def test_non_finite_numbers_in_a_line_are_malformed(tmp_path, key):
     path.write_text(text.replace(f'"epsilon":{epsilon}', '"epsilon":NaN'))
     with pytest.raises(LedgerFormatError, match="Line 2 .*NaN is not a finite number"):
         read_entries(path)
+
+
+# -- datasets: one budget per declared dataset, across its data versions ------------------
+def test_a_new_data_version_spends_from_the_same_budget(tmp_path, key):
+    ledger, history = Ledger(tmp_path / "a.jsonl", key), []
+    ledger.append({**fields("hospital_a", 1, history, ROUNDS[0], 8.0), "dataset": "notes"})
+    v2 = {**fields("hospital_a", 2, history, ROUNDS[1], 8.0), "dataset": "notes",
+          "data_fingerprint": "sha256:v2"}
+    ledger.append(v2)
+    assert ledger.history("notes") == [ROUNDS[0], ROUNDS[1]]
+    assert ledger.spent_epsilon("notes") == pytest.approx(claimed_epsilon(ROUNDS[:2]))
+    assert ledger.history("sha256:v2") == [] and ledger.datasets() == ["notes"]
+    restart = {**fields("hospital_a", 3, [], ROUNDS[3], 8.0), "dataset": "notes",
+               "data_fingerprint": "sha256:v3"}  # ε counted on v3 alone: too low
+    with pytest.raises(LedgerEntryError, match="dataset 'notes' has spent"):
+        ledger.append(restart)
+
+
+def test_an_old_ledger_keeps_its_fingerprint_as_the_dataset(tmp_path, key):
+    build_ledger(tmp_path / "a.jsonl", key, rounds=ROUNDS[:2])
+    ledger = Ledger(tmp_path / "a.jsonl", key)
+    assert ledger.datasets() == ["sha256:data-of-hospital_a"]
+    assert dataset_of(ledger.entries()[0]) == "sha256:data-of-hospital_a"
+    # the old site code's call: the fingerprint, which is the identity of such entries
+    assert ledger.history("sha256:data-of-hospital_a") == list(ROUNDS[:2])
+    # a changed fingerprint no longer starts a fresh budget by itself
+    moved = {**fields("hospital_a", 3, [], ROUNDS[3], 8.0), "data_fingerprint": "sha256:new"}
+    with pytest.raises(LedgerEntryError, match="only a ledger's first dataset starts "
+                                               "implicitly.*--dataset NAME"):
+        ledger.append(moved)
+
+
+def test_a_second_dataset_needs_a_dataset_entry_which_starts_it_once(tmp_path, key):
+    ledger = Ledger(tmp_path / "a.jsonl", key)
+    ledger.append({**fields("hospital_a", 1, [], ROUNDS[0], 8.0), "dataset": "notes"})
+    ward = {**fields("hospital_a", 1, [], ROUNDS[0], 8.0), "dataset": "ward-b"}
+    with pytest.raises(LedgerEntryError, match=r"fedcare site new-dataset \S+ --dataset ward-b "
+                                               r'--reason "\.\.\."'):
+        ledger.append(ward)
+    refusal = {**fields("hospital_a", 1, [], None, 8.0), "dataset": "ward-b", "epsilon": 0.0}
+    with pytest.raises(LedgerEntryError, match="is new to"):
+        ledger.append(refusal)
+    assert ledger.append(start("ward-b"))["epsilon"] == 0.0
+    assert ledger.append(ward)["epsilon"] == pytest.approx(claimed_epsilon([ROUNDS[0]]))
+    assert ledger.spent_epsilon("notes") == ledger.spent_epsilon("ward-b")  # two budgets
+    for again in ("ward-b", "notes"):
+        with pytest.raises(LedgerEntryError, match="can be started once"):
+            ledger.append(start(again))
+    assert [e["kind"] for e in read_entries(tmp_path / "a.jsonl")] == ["train", "dataset", "train"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epsilon": 0.5}, "epsilon must be 0"),
+    ({"reason": ""}, "needs a non-empty reason explaining why a new dataset starts"),
+    ({"steps": 3}, "releases nothing"),
+    ({"dataset": ""}, "dataset must be a non-empty string"),
+])
+def test_bad_dataset_entries_are_refused(tmp_path, key, change, message):
+    with pytest.raises(LedgerEntryError, match=message):
+        Ledger(tmp_path / "a.jsonl", key).append({**start("notes"), **change})
+    nameless = {k: v for k, v in start("notes").items() if k != "dataset"}
+    with pytest.raises(LedgerEntryError, match="must name the dataset"):
+        Ledger(tmp_path / "a.jsonl", key).append(nameless)
+
+
+def test_evaluate_and_size_releases_compose_into_the_history(tmp_path, key):
+    ledger, history = Ledger(tmp_path / "a.jsonl", key), []
+    ledger.append(fields("hospital_a", 1, history, ROUNDS[0], 8.0))
+    ledger.append(gaussian("evaluate", 1, history))
+    size = ledger.append(gaussian("size", 1, history, sigma=10.0))
+    assert size["released_value"] == 812.4
+    assert ledger.history("sha256:data-of-hospital_a") == [ROUNDS[0], (4.0, 1.0, 1),
+                                                           (10.0, 1.0, 1)]
+    spent = ledger.spent_epsilon("sha256:data-of-hospital_a")
+    assert spent == pytest.approx(claimed_epsilon(history))
+    assert spent > claimed_epsilon([ROUNDS[0]]) + 0.1
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("evaluate", {"sample_rate": 0.5}, "sample_rate=1.0, steps=1"),
+    ("evaluate", {"steps": 2}, "sample_rate=1.0, steps=1"),
+    ("evaluate", {"max_grad_norm": 2.0}, "max_grad_norm=1.0"),
+    ("evaluate", {"noise_multiplier": 0.0}, "noise_multiplier > 0"),
+    ("evaluate", {"mechanism": MECHANISM}, "mechanism must be"),
+    ("evaluate", {"update_sha256": "ab" * 32}, "update_sha256=None"),
+    ("size", {"released_value": float("inf")}, "released_value must be a finite number"),
+])
+def test_bad_gaussian_releases_are_refused(tmp_path, key, kind, change, message):
+    with pytest.raises(LedgerEntryError, match=message):
+        Ledger(tmp_path / "a.jsonl", key).append(gaussian(kind, 1, [], **change))
+    unvalued = {k: v for k, v in gaussian("size", 1, []).items() if k != "released_value"}
+    with pytest.raises(LedgerEntryError, match="size entry must record the noisy size"):
+        Ledger(tmp_path / "a.jsonl", key).append(unvalued)
+
+
+def test_a_trained_but_withheld_update_is_charged_and_says_why(tmp_path, key):
+    ledger, history = Ledger(tmp_path / "a.jsonl", key), []
+    withheld = {**fields("hospital_a", 1, history, ROUNDS[0], 8.0), "update_sha256": None,
+                "withheld": "the update held NaN"}
+    assert ledger.append(withheld)["withheld"] == "the update held NaN"
+    assert ledger.spent_epsilon("sha256:data-of-hospital_a") > 0
+    silent = {**fields("hospital_a", 2, history, ROUNDS[1], 8.0), "update_sha256": None}
+    with pytest.raises(LedgerEntryError, match="say why in withheld"):
+        ledger.append(silent)
+    with pytest.raises(LedgerEntryError, match="Only a train entry whose update was not sent"):
+        ledger.append({**silent, "update_sha256": "ab" * 32, "withheld": "x"})
+
+
+def test_head_is_the_last_entry_and_round_trips_as_text(tmp_path, key):
+    ledger = Ledger(tmp_path / "a.jsonl", key)
+    assert ledger.head() is None
+    build_ledger(tmp_path / "a.jsonl", key, rounds=ROUNDS[:2])
+    last = read_entries(tmp_path / "a.jsonl")[-1]
+    head = Ledger(tmp_path / "a.jsonl", key).head()
+    assert head == (1, last["hash"])
+    assert parse_head(format_head(*head)) == head and format_head(*head) == f"1:{last['hash']}"
+    for bad in ("1", f"-1:{last['hash']}", f"01:{last['hash']}", "1:abc", f"1:{last['hash']}x",
+                None, 7):
+        with pytest.raises(ValueError, match="seq:hash"):
+            parse_head(bad)
+    assert heads_file(tmp_path / "site0.jsonl") == tmp_path / "site0.heads.jsonl"

@@ -11,8 +11,8 @@ from common.privacy.keys import load_or_create_site_key, public_key_pem
 from common.privacy.ledger import read_entries
 from common.privacy.report import format_epsilon, write_report
 from common.privacy.verify import verify_path
-from tests.test_ledger import ROUNDS, build_ledger
-from tests.test_verify import make_run
+from tests.test_ledger import ROUNDS, build_ledger, fields, gaussian, start
+from tests.test_verify import make_run, reseal, write
 
 
 def test_html_shows_every_epsilon_and_the_budget(tmp_path):
@@ -93,3 +93,40 @@ def test_cli_report_writes_beside_the_run(tmp_path, capsys):
     assert json.loads((run / "audit_report.json").read_text())["ok"] is True
     assert main(["report", str(run), "--output", str(tmp_path / "x.html")]) == 0
     assert (tmp_path / "x.html").exists() and (tmp_path / "x.json").exists()
+
+
+def test_datasets_versions_starts_and_gaussian_releases_are_shown(tmp_path):
+    run, keys = make_run(tmp_path)
+    path = run / "ledgers" / "hospital_a.jsonl"
+    entries = [{**e, "dataset": "notes", "data_fingerprint": "sha256:v1" if e["seq"] < 3
+                else "sha256:v2"} for e in read_entries(path)][:4]
+    history = [r for r in ROUNDS[:4] if r is not None]
+    entries += [{**gaussian("size", 4, history), "dataset": "notes",
+                 "data_fingerprint": "sha256:v2"},
+                start("ward-b", reason="the oncology ward joins"),
+                {**fields("hospital_a", 5, [], ROUNDS[0], 4.0), "dataset": "ward-b"}]
+    write(path, reseal(entries, keys["hospital_a"]))
+    data = write_report(run, tmp_path / "r.html", tmp_path / "r.json")
+    assert data["ok"]
+    notes, ward = data["sites"][0]["datasets"]
+    assert [(v["fingerprint"], v["first_seq"], v["last_seq"]) for v in notes["versions"]] == [
+        ("sha256:v1", 0, 2), ("sha256:v2", 3, 4)]
+    assert notes["spent"] == entries[4]["epsilon"] and notes["started"] is None
+    assert ward["started"]["reason"] == "the oncology ward joins"
+    assert (ward["budget"], ward["versions"][0]["first_seq"]) == (4.0, 6)
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Started at seq 5 by the site: the oncology ward joins." in page
+    assert "v2 <code>sha256:v2</code> (seq 3–4)" in page
+    assert "A new data version spends from the same budget." in page
+    assert "<td>size</td><td>notes</td><td>v2</td>" in page
+    assert "<td>released size 812.4</td>" in page
+    plot = ET.fromstring(re.findall(r"<svg.*?</svg>", page, flags=re.S)[0])
+    assert len(plot.findall("polyline")) == 2  # one per dataset, not per data version
+
+
+def test_the_page_states_the_rule_each_accountant_is_held_to(tmp_path):
+    run, _ = make_run(tmp_path)
+    write_report(run, tmp_path / "r.html", tmp_path / "r.json")
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "more than 1.0% below the re-derived RDP ε" in page
+    assert "below the re-derived PLD ε by more than PRV's stated error (0.01)" in page

@@ -8,6 +8,7 @@ land just at or below that value; PLD is tighter still.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from common.privacy.verify import (
     AUDIT_ORDERS, PLD_DISCRETIZATION, PRV_EPS_ERROR, compare_accountants, pld_epsilon,
     pld_error, rdp_epsilon, verify_path,
 )
-from tests.test_ledger import ROUNDS, build_ledger
+from common.privacy.ledger import Ledger, format_head
+from tests.test_ledger import ROUNDS, build_ledger, claimed_epsilon, fields, gaussian, start
 
 OPACUS_REFERENCE = 7.32911117143
 SITES = ("hospital_a", "hospital_b")
@@ -242,6 +244,7 @@ def test_cli_exit_codes(tmp_path, run, capsys):
     assert main(["verify", str(run_dir), "--trusted-keys", str(tmp_path / "trusted")]) == 0
     out = capsys.readouterr().out
     assert "UNPINNED" not in out and out.count(": verified,") == 2
+    assert "problem(s), ε=" in out and " on dataset sha256:data-of-hospital_b" in out
     path = run_dir / "ledgers" / "hospital_a.jsonl"
     path.write_text(path.read_text().replace('"steps":30', '"steps":3'))
     assert main(["verify", str(run_dir)]) == 1
@@ -342,3 +345,158 @@ def test_compare_accountants_on_the_demo_mechanism():
     assert row["pld"] == pytest.approx(6.6445, abs=1e-3)
     assert row["prv_over_pld"] == pytest.approx(row["prv"] / row["pld"])
     assert 1.0 <= row["prv_over_pld"] < 1.005 < 1.2 < row["rdp_over_pld"]
+
+
+# -- datasets ------------------------------------------------------------------------------
+def resealed_run(run, entries: list[dict]) -> Path:
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    write(path, reseal(entries, keys["hospital_a"]))
+    return run_dir
+
+
+def test_a_changed_fingerprint_is_a_new_version_of_the_same_budget(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    versions = [{**e, "dataset": "notes", "data_fingerprint": f"sha256:v{e['seq'] // 2}"}
+                for e in read_entries(path)]
+    report = verify_path(resealed_run(run, versions))
+    assert report.ok, messages(report)
+    assert {r.dataset for r in report.sites[0].entries} == {"notes"}
+    assert [r.data_fingerprint for r in report.sites[0].entries][-1] == "sha256:v2"
+    # the loophole: counting the newest version's ε from zero is caught twice over
+    restarted = versions[:4] + [{**versions[4], "epsilon": claimed_epsilon([ROUNDS[4]])}]
+    text = messages(verify_path(resealed_run(run, restarted)))
+    assert "cumulative and cannot fall" in text and "too low" in text
+
+
+def test_delta_is_one_per_dataset(run):
+    run_dir, _ = run
+    entries = read_entries(run_dir / "ledgers" / "hospital_a.jsonl")
+    entries[-1] = {**entries[-1], "delta": 1e-6, "epsilon": claimed_epsilon(
+        [r for r in ROUNDS if r is not None], 1e-6)}
+    assert "keep one δ per dataset" in messages(verify_path(resealed_run(run, entries)))
+
+
+def test_evaluate_and_size_releases_are_rederived_as_unsampled_gaussians(run):
+    run_dir, _ = run
+    entries = read_entries(run_dir / "ledgers" / "hospital_a.jsonl")[:2]
+    history = [ROUNDS[0], ROUNDS[1]]
+    entries += [gaussian("evaluate", 2, history), gaussian("size", 2, history, sigma=10.0)]
+    report = verify_path(resealed_run(run, entries))
+    assert report.ok, messages(report)
+    size = report.sites[0].entries[-1]
+    assert (size.kind, size.sample_rate, size.released_value) == ("size", 1.0, 812.4)
+    assert size.epsilon_pld <= size.epsilon_rdp <= size.epsilon_claimed * 1.0001
+    # a site that leaves the evaluation out of its ε
+    entries[2]["epsilon"] = entries[1]["epsilon"]
+    text = messages(verify_path(resealed_run(run, entries)))
+    assert "Entry seq 2 claims" in text and "too low" in text
+    # an "unsampled" release that claims amplification by sampling
+    entries[2] = {**gaussian("evaluate", 2, [ROUNDS[0], ROUNDS[1]]), "sample_rate": 0.01}
+    assert "without sampling there is no amplification" in messages(
+        verify_path(resealed_run(run, entries)))
+
+
+def test_dataset_starts_are_declared_once_and_release_nothing(run):
+    run_dir, _ = run
+    entries = read_entries(run_dir / "ledgers" / "hospital_a.jsonl")[:2]
+    ward = {**fields("hospital_a", 3, [], ROUNDS[0], 8.0), "dataset": "ward-b"}
+    declared = entries + [start("ward-b"), ward]
+    report = verify_path(resealed_run(run, declared))
+    assert report.ok, messages(report)
+    assert [r.dataset for r in report.sites[0].entries][-2:] == ["ward-b", "ward-b"]
+    undeclared = entries + [ward]
+    assert "no dataset entry started it" in messages(verify_path(resealed_run(run, undeclared)))
+    restart = entries + [start("sha256:data-of-hospital_a")]  # to get the budget back
+    text = messages(verify_path(resealed_run(run, restart)))
+    assert "starts dataset 'sha256:data-of-hospital_a' again" in text
+    spends = entries + [{**start("ward-b"), "epsilon": 1.0, "steps": 5}]
+    text = messages(verify_path(resealed_run(run, spends)))
+    assert "ε must be 0" in text and "a dataset start must release nothing" in text
+
+
+def test_an_old_ledger_with_two_fingerprints_stays_valid(run):
+    run_dir, _ = run
+    entries = read_entries(run_dir / "ledgers" / "hospital_a.jsonl")[:2]
+    moved = {**fields("hospital_a", 3, [], ROUNDS[0], 8.0), "data_fingerprint": "sha256:other"}
+    report = verify_path(resealed_run(run, entries + [moved]))
+    assert report.ok, messages(report)
+    assert report.sites[0].entries[-1].dataset == "sha256:other"
+
+
+# -- rollback: the heads the server received -------------------------------------------------
+def record_heads(run_dir: Path, site: str = "hospital_a") -> list[dict]:
+    """What the server's run log keeps: each head the site reported, with its round."""
+    entries = read_entries(run_dir / "ledgers" / f"{site}.jsonl")
+    heads = [{"round": e["round"], "phase": phase, "head": format_head(e["seq"], e["hash"])}
+             for e in entries for phase in ("train", "evaluate")]
+    (run_dir / "ledgers" / f"{site}.heads.jsonl").write_text(
+        "".join(json.dumps(h) + "\n" for h in heads))
+    return entries
+
+
+def test_heads_the_ledger_still_contains_verify_and_are_not_ledgers(run):
+    run_dir, _ = run
+    record_heads(run_dir)
+    report = verify_path(run_dir)
+    assert report.ok, messages(report)
+    assert [s.site for s in report.sites] == list(SITES)
+
+
+def test_a_ledger_cut_after_the_server_saw_it_is_caught(run):
+    run_dir, _ = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = record_heads(run_dir)
+    write(path, entries[:3])  # chain and signatures of what is left are intact
+    report = verify_path(run_dir)
+    cut = [p for p in report.problems if "does not extend a head" in p.message]
+    assert [p.seq for p in cut] == [3, 4]
+    assert cut[0].message.endswith("the ledger does not extend a head the server received in "
+                                   "round 4 (seq 3): entries were cut off or rewritten.")
+
+
+def test_a_ledger_rewritten_and_resigned_after_the_server_saw_it_is_caught(run):
+    run_dir, keys = run
+    path = run_dir / "ledgers" / "hospital_a.jsonl"
+    entries = record_heads(run_dir)
+    lower = [{**e, "steps": max(1, e["steps"] // 2)} if e["seq"] >= 3 else e for e in entries]
+    history = []
+    for e in lower:  # honest claims for the smaller history: only the heads betray it
+        if e["kind"] != "refusal":
+            history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
+        e["epsilon"] = claimed_epsilon(history)
+    write(path, reseal(lower, keys["hospital_a"]))
+    report = verify_path(run_dir)
+    assert [p.seq for p in report.problems] == [3, 4]
+    assert all("entries were cut off or rewritten" in p.message for p in report.problems)
+
+
+def test_a_ledger_file_is_checked_against_the_heads_beside_it(tmp_path):
+    key = load_or_create_site_key(tmp_path / "k")
+    ledger = tmp_path / "site0.jsonl"
+    Ledger(ledger, key).append(fields("site0", 1, [], ROUNDS[0], 8.0))
+    (tmp_path / "site0.pub.pem").write_text(public_key_pem(key.public_key()))
+    (tmp_path / "site0.heads.jsonl").write_text(
+        json.dumps({"round": 2, "phase": "train", "head": "1:" + "ab" * 32}) + "\n")
+    assert "round 2 (seq 1)" in messages(verify_path(ledger))
+
+
+def test_an_unreadable_heads_file_is_a_problem_not_a_crash(run):
+    run_dir, _ = run
+    heads = run_dir / "ledgers" / "hospital_b.heads.jsonl"
+    heads.write_text('{"round": 1, "head": "oops"}\nnot json\n')
+    report = verify_path(run_dir)
+    lines = [p.message for p in report.problems]
+    assert len(lines) == 2 and all("is not a head record" in m for m in lines)
+    heads.write_bytes(b"\xff\xfe")
+    assert "cannot be read" in messages(verify_path(run_dir))
+
+
+def test_heads_from_a_site_whose_ledger_is_gone_are_a_problem(run):
+    run_dir, _ = run
+    record_heads(run_dir, "hospital_b")
+    (run_dir / "ledgers" / "hospital_b.jsonl").unlink()
+    report = verify_path(run_dir)
+    assert [s.site for s in report.sites] == list(SITES)
+    assert "its ledger is missing" in messages(report)

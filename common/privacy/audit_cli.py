@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from common.privacy.keys import KeyFileError
-from common.privacy.report import write_report
+from common.privacy.report import dataset_summaries, format_epsilon, write_report
 from common.privacy.verify import VerifyInputError, verify_path
 
 
@@ -53,8 +53,8 @@ def run_verify(args: argparse.Namespace) -> int:
         where = "" if problem.seq is None else f" seq {problem.seq}"
         print(f"PROBLEM [{problem.site}{where}] {problem.message}")
     for site in report.sites:
-        claims = [e.epsilon_claimed for e in site.entries if e.epsilon_claimed is not None]
-        spent = f"ε={max(claims):.4f}" if claims else "no ε"
+        spent = ", ".join(f"ε={format_epsilon(d['spent'])} on dataset {d['dataset']}"
+                          for d in dataset_summaries(site.entries)) or "no ε"
         unpinned = ("; KEYS UNPINNED: signatures checked only against the key sent with the "
                     "ledger, pass --trusted-keys to pin them") if not site.keys_pinned else ""
         print(f"{site.site}: {site.status}, {len(site.entries)} entries, "

@@ -6,6 +6,17 @@ adds `seq`, `prev_hash` (the previous entry's `hash`, 64 zeros for the first),
 `key_fingerprint`, `hash` (sha256 hex of the canonical JSON of the entry without
 `hash` and `signature`) and `signature` (base64 Ed25519 over the 32 raw bytes of
 `hash`). Editing, deleting, inserting or reordering lines breaks the chain.
+
+Budgets are per *dataset*: the identity a hospital declares (`dataset`), across every
+version of its data (`data_fingerprint`). A ledger's first dataset starts with its
+first entry; every later one needs an explicit "dataset" entry, so a new fingerprint
+or a new name can never silently start a fresh budget. Old ledgers without the field
+keep their meaning: their fingerprint was the identity.
+
+Kinds: "train" and "personalize" (DP-SGD steps; a train entry whose update was not
+sent says why in `withheld`), "evaluate" and "size" (one Gaussian-mechanism release of
+a sensitivity-1 statistic: a confusion matrix, a record count with its `released_value`),
+"refusal" and "dataset" (release nothing).
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from datetime import datetime, timezone
 from numbers import Integral, Real
 from pathlib import Path
@@ -22,6 +34,7 @@ from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.names import NAME
 from common.privacy.keys import public_key_fingerprint, sign_digest, signature_valid
 
 try:
@@ -30,16 +43,22 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
 GENESIS_HASH = "0" * 64
-KINDS = ("train", "refusal", "personalize")
+KINDS = ("train", "refusal", "personalize", "evaluate", "size", "dataset")
+RELEASES_NOTHING = ("refusal", "dataset")
+GAUSSIAN_RELEASES = ("evaluate", "size")  # (σ, q=1, 1 step): composes like a DP-SGD step
+GAUSSIAN_MECHANISM = {"name": "Gaussian", "noise": "gaussian", "sampling": "none",
+                      "sensitivity": 1}
+# The names `fedcare site new-dataset` accepts; older ledgers' identities are fingerprints.
+HEADS_SUFFIX = ".heads.jsonl"  # beside a ledger: the heads the server received from it
 # Fields the caller provides (`time` is filled in when absent, `reason` is required
-# for refusals only). Extra JSON fields are kept and covered by the hash.
+# for refusals and dataset starts). Extra JSON fields are kept and covered by the hash.
 REQUIRED_FIELDS = (
     "kind", "site", "run_id", "round", "data_fingerprint", "mechanism",
     "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta",
     "accountant", "epsilon", "epsilon_budget", "update_sha256",
     "secure_aggregation", "software",
 )
-OPTIONAL_FIELDS = ("time", "reason")
+OPTIONAL_FIELDS = ("time", "reason", "dataset", "withheld", "released_value")
 SEALED_FIELDS = ("seq", "prev_hash", "key_fingerprint", "hash", "signature")
 _STR = ("site", "run_id", "data_fingerprint", "accountant")
 _INT = ("round", "steps")
@@ -65,6 +84,11 @@ _RULES = {  # field -> (check, what it must be)
     "software": (lambda v: isinstance(v, dict), "a dict of package versions"),
     "secure_aggregation": (lambda v: isinstance(v, bool), "true or false"),
     "update_sha256": (lambda v: v is None or isinstance(v, str), "a hex string or None"),
+}
+_OPTIONAL_RULES = {  # checked when present
+    "dataset": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "withheld": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "released_value": (_is_num, "a finite number"),
 }
 
 
@@ -120,27 +144,92 @@ def validate_fields(fields: dict) -> dict:
             raise LedgerEntryError(f"Ledger field {name} must be {want} (got {out[name]!r}).")
     out.update({name: int(out[name]) for name in _INT})
     out.update({name: float(out[name]) for name in _FLOAT})
+    for name, (ok, want) in _OPTIONAL_RULES.items():
+        if name in out and not ok(out[name]):
+            raise LedgerEntryError(f"Ledger field {name} must be {want} (got {out[name]!r}).")
+    if "released_value" in out:
+        out["released_value"] = float(out["released_value"])
     out["time"] = _check_time(out.get("time"))
-    if out["kind"] == "refusal":
-        if not isinstance(out.get("reason"), str) or not out["reason"]:
-            raise LedgerEntryError("A refusal entry needs a non-empty reason explaining "
-                                   "why nothing was released.")
-        if (out["noise_multiplier"], out["sample_rate"], out["steps"]) != (0.0, 0.0, 0):
-            raise LedgerEntryError("A refusal releases nothing: set noise_multiplier=0, "
-                                   "sample_rate=0.0 and steps=0.")
-    elif (out["noise_multiplier"] <= 0 or not 0 < out["sample_rate"] <= 1
-          or out["steps"] <= 0 or out["max_grad_norm"] <= 0):
-        raise LedgerEntryError(
-            f"A {out['kind']} entry must record a private release: noise_multiplier > 0, "
-            f"0 < sample_rate <= 1, steps > 0 and max_grad_norm > 0 (got "
-            f"{out['noise_multiplier']}, {out['sample_rate']}, {out['steps']}, "
-            f"{out['max_grad_norm']}); non-private runs keep no ledger.")
+    _check_kind(out)
     try:
         canonical_json(out)
     except (TypeError, ValueError) as exc:
         raise LedgerEntryError(f"Ledger entry is not plain JSON ({exc}); pass only "
                                "str/int/float/bool/None/list/dict values.") from exc
     return out
+
+
+def _check_kind(out: dict) -> None:
+    """What each kind must record; the numbers decide how it composes into ε."""
+    kind, release = out["kind"], (out["noise_multiplier"], out["sample_rate"], out["steps"])
+    if kind in RELEASES_NOTHING:
+        why = "why a new dataset starts" if kind == "dataset" else "why nothing was released"
+        if not isinstance(out.get("reason"), str) or not out["reason"]:
+            raise LedgerEntryError(f"A {kind} entry needs a non-empty reason explaining {why}.")
+        if release != (0.0, 0.0, 0):
+            raise LedgerEntryError(f"A {kind} entry releases nothing: set noise_multiplier=0, "
+                                   "sample_rate=0.0 and steps=0.")
+        if kind == "dataset" and "dataset" not in out:
+            raise LedgerEntryError("A dataset entry must name the dataset it starts in its "
+                                   "dataset field.")
+        if kind == "dataset" and out["epsilon"] != 0:
+            raise LedgerEntryError(f"A dataset entry starts a fresh budget, so its epsilon "
+                                   f"must be 0 (got {out['epsilon']!r}).")
+    elif kind in GAUSSIAN_RELEASES:
+        mech = out["mechanism"]
+        if out["noise_multiplier"] <= 0 or release[1:] != (1.0, 1) or out["max_grad_norm"] != 1.0:
+            raise LedgerEntryError(
+                f"A {kind} entry records one Gaussian-mechanism release of sensitivity 1: "
+                f"noise_multiplier > 0, sample_rate=1.0, steps=1 and max_grad_norm=1.0 (got "
+                f"{release + (out['max_grad_norm'],)}).")
+        if {k: mech.get(k) for k in ("noise", "sampling", "sensitivity")} != \
+                {k: GAUSSIAN_MECHANISM[k] for k in ("noise", "sampling", "sensitivity")}:
+            raise LedgerEntryError(f"A {kind} entry's mechanism must be {GAUSSIAN_MECHANISM} "
+                                   f"(got {mech}).")
+        if out["update_sha256"] is not None:
+            raise LedgerEntryError(f"A {kind} entry sends no model update: set "
+                                   "update_sha256=None.")
+        if kind == "size" and "released_value" not in out:
+            raise LedgerEntryError("A size entry must record the noisy size it released in "
+                                   "released_value, so that it is reused, not released again.")
+    elif (out["noise_multiplier"] <= 0 or not 0 < out["sample_rate"] <= 1
+          or out["steps"] <= 0 or out["max_grad_norm"] <= 0):
+        raise LedgerEntryError(
+            f"A {kind} entry must record a private release: noise_multiplier > 0, "
+            f"0 < sample_rate <= 1, steps > 0 and max_grad_norm > 0 (got "
+            f"{out['noise_multiplier']}, {out['sample_rate']}, {out['steps']}, "
+            f"{out['max_grad_norm']}); non-private runs keep no ledger.")
+    if "withheld" in out and (kind != "train" or out["update_sha256"] is not None):
+        raise LedgerEntryError("Only a train entry whose update was not sent may say why in "
+                               "withheld; its update_sha256 must then be None.")
+    if kind == "train" and out["update_sha256"] is None and "withheld" not in out:
+        raise LedgerEntryError("A train entry without update_sha256 sent no update: say why "
+                               "in withheld (e.g. 'the update held NaN').")
+
+
+def dataset_of(entry: dict) -> str:
+    """The budget identity of an entry: its `dataset`, or (older ledgers) its fingerprint."""
+    return entry.get("dataset", entry.get("data_fingerprint"))
+
+
+def format_head(seq: int, entry_hash_hex: str) -> str:
+    """A ledger head as the site reports it to the server: "seq:hash"."""
+    return f"{int(seq)}:{entry_hash_hex}"
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """(seq, hash) of a "seq:hash" head; ValueError names the expected form."""
+    match = re.fullmatch(r"(0|[1-9][0-9]*):([0-9a-f]{64})", text) \
+        if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"A ledger head must read 'seq:hash' with a 64-hex-digit sha256 "
+                         f"(got {text!r}).")
+    return int(match[1]), match[2]
+
+
+def heads_file(ledger: Path) -> Path:
+    """Where the server keeps the heads it received for `ledger` (<stem>.heads.jsonl)."""
+    return Path(ledger).with_name(Path(ledger).stem + HEADS_SUFFIX)
 
 
 def seal_entry(fields: dict, *, seq: int, prev_hash: str, key: Ed25519PrivateKey) -> dict:
@@ -309,17 +398,34 @@ class Ledger:
         return copy.deepcopy(entry)
 
     def _check_against_history(self, entry: dict) -> dict:
-        spent = self.spent_epsilon(entry["data_fingerprint"])
-        if entry["kind"] == "refusal":
+        dataset, kind = dataset_of(entry), entry["kind"]
+        known = self.datasets()
+        if kind == "dataset":
+            if dataset in known:
+                raise LedgerEntryError(
+                    f"Dataset {dataset!r} already has entries in {self.path} (spent "
+                    f"ε={self.spent_epsilon(dataset)!r}); a dataset can be started once. Keep "
+                    "releasing on it, or start a new dataset under a new name.")
+            return entry
+        if known and dataset not in known:
+            name = dataset if NAME.fullmatch(dataset) and ".." not in dataset else "NAME"
+            raise LedgerEntryError(
+                f"Dataset {dataset!r} is new to {self.path}, which holds {known}; only a "
+                "ledger's first dataset starts implicitly. A new version of existing data "
+                "keeps its dataset (and its budget). If this really is a new dataset, start "
+                f"it with `fedcare site new-dataset {self.path.parent} --dataset {name} "
+                '--reason "..."`.')
+        spent = self.spent_epsilon(dataset)
+        if kind == "refusal":
             if not math.isclose(entry["epsilon"], spent, rel_tol=1e-9, abs_tol=1e-12):
                 raise LedgerEntryError(
                     f"A refusal releases nothing, so its epsilon must stay at the spent "
-                    f"{spent!r} for data {entry['data_fingerprint']} (got {entry['epsilon']!r}).")
+                    f"{spent!r} for dataset {dataset!r} (got {entry['epsilon']!r}).")
             return entry
         if entry["epsilon"] < spent:
             raise LedgerEntryError(
-                f"Ledger field epsilon is cumulative and cannot fall: data "
-                f"{entry['data_fingerprint']} has spent {spent!r} (got {entry['epsilon']!r}).")
+                f"Ledger field epsilon is cumulative and cannot fall: dataset {dataset!r} "
+                f"has spent {spent!r} (got {entry['epsilon']!r}).")
         if entry["epsilon"] > entry["epsilon_budget"]:
             raise LedgerEntryError(
                 f"This release would bring epsilon to {entry['epsilon']!r}, above the budget "
@@ -329,17 +435,27 @@ class Ledger:
     def entries(self) -> list[dict]:
         return copy.deepcopy(self._entries)
 
-    def spent_epsilon(self, data_fingerprint: str) -> float:
+    def head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last entry; None while the ledger is empty."""
+        return (self._entries[-1]["seq"], self._entries[-1]["hash"]) if self._entries else None
+
+    def datasets(self) -> list[str]:
+        """Every dataset identity in the ledger, in order of first appearance."""
+        return list(dict.fromkeys(dataset_of(e) for e in self._entries))
+
+    def spent_epsilon(self, dataset: str) -> float:
+        """ε spent on `dataset` (across its data versions); 0 for an unknown one."""
         for entry in reversed(self._entries):
-            if entry["data_fingerprint"] == data_fingerprint:
+            if dataset_of(entry) == dataset:
                 return float(entry["epsilon"])
         return 0.0
 
-    def history(self, data_fingerprint: str) -> list[tuple[float, float, int]]:
-        """(σ, q, steps) of every non-refusal entry on this data, oldest first."""
+    def history(self, dataset: str) -> list[tuple[float, float, int]]:
+        """(σ, q, steps) of every release on `dataset`, oldest first; an evaluate or
+        size release is (σ, 1.0, 1)."""
         return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
                 for e in self._entries
-                if e["data_fingerprint"] == data_fingerprint and e["kind"] != "refusal"]
+                if dataset_of(e) == dataset and e["kind"] not in RELEASES_NOTHING]
 
 
 def _check_time(value: Any) -> str:

@@ -1,7 +1,9 @@
 """`fedcare audit report`: one self-contained HTML page (plus JSON) from a verification.
 
 Everything shown comes from `verify.verify_path`; this module only lays it out. The
-page has no scripts, fonts or external references, so it opens offline.
+page has no scripts, fonts or external references, so it opens offline. Budgets are
+shown per dataset, with the dataset's data versions (a changed data fingerprint is a
+new version of the same dataset and spends from the same budget).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+from typing import Sequence
+
 from common.privacy.verify import (
-    AUDIT_ORDERS, PLD_DISCRETIZATION, SiteResult, VerifyReport, verify_path,
+    AUDIT_ORDERS, PLD_DISCRETIZATION, PRV_EPS_ERROR, EntryResult, SiteResult, VerifyReport,
+    verify_path,
 )
 
 WIDTH, HEIGHT = 640, 280
@@ -52,9 +57,36 @@ def report_data(report: VerifyReport) -> dict:
         "verifier": {"dp_accounting": version("dp-accounting"),
                      "rdp_orders": f"{len(AUDIT_ORDERS)} orders from {AUDIT_ORDERS[0]:g} "
                                    f"to {AUDIT_ORDERS[-1]:g}",
-                     "pld_discretization": PLD_DISCRETIZATION},
+                     "pld_discretization": PLD_DISCRETIZATION,
+                     "prv_eps_error": PRV_EPS_ERROR},
         "sites": [_site_data(site) for site in report.sites],
     }
+
+
+def dataset_summaries(entries: Sequence[EntryResult]) -> list[dict]:
+    """Per dataset, in order of first appearance: its budget (the latest entry's), ε
+    spent (the latest claim) and left, δ, the entry that started it (None: it started
+    with its first release) and its data versions, each with its first and last seq."""
+    out: dict[str, dict] = {}
+    for e in entries:
+        d = out.setdefault(e.dataset or e.data_fingerprint, {
+            "dataset": e.dataset or e.data_fingerprint, "budget": None, "spent": 0.0,
+            "left": None, "delta": None, "started": None, "versions": {}})
+        d["budget"] = e.epsilon_budget if e.epsilon_budget is not None else d["budget"]
+        d["spent"] = e.epsilon_claimed if e.epsilon_claimed is not None else d["spent"]
+        d["delta"] = e.delta if e.delta is not None else d["delta"]
+        if e.kind == "dataset":
+            d["started"] = {"seq": e.seq, "time": e.time, "reason": e.reason}
+            continue
+        version = d["versions"].setdefault(e.data_fingerprint, {
+            "fingerprint": e.data_fingerprint, "version": len(d["versions"]) + 1,
+            "first_seq": e.seq, "last_seq": e.seq})
+        version["last_seq"] = e.seq
+    for d in out.values():
+        d["versions"] = list(d["versions"].values())
+        if d["budget"] is not None:
+            d["left"] = max(0.0, d["budget"] - d["spent"])
+    return list(out.values())
 
 
 def _site_data(site: SiteResult) -> dict:
@@ -63,7 +95,7 @@ def _site_data(site: SiteResult) -> dict:
     budgets = sorted({e.epsilon_budget for e in site.entries if e.epsilon_budget is not None})
     return {"site": site.site, "ledger": site.ledger, "status": site.status,
             "keys_pinned": site.keys_pinned, "key_fingerprints": list(site.key_fingerprints),
-            "epsilon_budgets": budgets,
+            "epsilon_budgets": budgets, "datasets": dataset_summaries(site.entries),
             "problems": [{"seq": p.seq, "message": p.message} for p in site.problems],
             "entries": entries}
 
@@ -79,8 +111,12 @@ def render_html(data: dict) -> str:
         f"<p>Source: <code>{e(data['path'])}</code>. Generated {e(data['generated'])}. "
         f"Each claimed ε is re-derived with dp_accounting {e(data['verifier']['dp_accounting'])}"
         f" (RDP over {e(data['verifier']['rdp_orders'])}; PLD with discretisation "
-        f"{data['verifier']['pld_discretization']:g}); a claim more than "
-        f"{data['tolerance']:.0%} below the re-derived value is a problem. Trusted keys: "
+        f"{data['verifier']['pld_discretization']:g}) over the releases on its dataset. An RDP "
+        f"claim (opacus-rdp, or no accountant named) is a problem when more than "
+        f"{data['tolerance']:.1%} below the re-derived RDP ε; a PRV or PLD claim when below the "
+        f"re-derived PLD ε by more than PRV's stated error "
+        f"({data['verifier'].get('prv_eps_error', PRV_EPS_ERROR):g}) plus PLD's own "
+        f"discretisation error. Trusted keys: "
         f"{e(data['trusted_keys'] or 'none given (keys unpinned)')}.</p>",
     ]
     for site in data["sites"]:
@@ -106,15 +142,26 @@ def _site_html(site: dict) -> str:
             f"<li>{e(p['message'])}</li>" for p in site["problems"]) + "</ul>")
     else:
         out.append("<p>No problems found.</p>")
+    out.append(_datasets_html(site))
     out.append(_svg(site))
-    out.append("<table><tr><th>seq</th><th>round</th><th>kind</th><th>σ</th><th>q</th>"
-               "<th>steps</th><th>C</th><th>δ</th><th>ε claimed</th>"
-               "<th>ε re-derived (RDP)</th><th>ε (PLD)</th></tr>")
+    versions = {(d["dataset"], v["fingerprint"]): v["version"]
+                for d in site.get("datasets", []) for v in d["versions"]}
+    out.append("<table><tr><th>seq</th><th>round</th><th>kind</th><th>dataset</th>"
+               "<th>data</th><th>σ</th><th>q</th><th>steps</th><th>C</th><th>δ</th>"
+               "<th>ε claimed</th><th>ε re-derived (RDP)</th><th>ε (PLD)</th><th>note</th></tr>")
     for r in site["entries"]:
-        cells = [r["seq"], r["round"], r["kind"], _g(r["noise_multiplier"]),
+        dataset = r.get("dataset") or r["data_fingerprint"]
+        version = versions.get((dataset, r["data_fingerprint"]))
+        note = r.get("reason") or (f"update withheld: {r['withheld']}" if r.get("withheld")
+                                   else None)
+        if r.get("released_value") is not None:
+            note = f"released size {r['released_value']:g}"
+        cells = [r["seq"], r["round"], r["kind"], dataset,
+                 None if version is None else f"v{version}", _g(r["noise_multiplier"]),
                  _g(r["sample_rate"]), r["steps"], _g(r["max_grad_norm"]), _g(r["delta"]),
-                 _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"])]
-        row_class = " class='refusal'" if r["kind"] == "refusal" else ""
+                 _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"]),
+                 note]
+        row_class = f" class='{r['kind']}'" if r["kind"] in ("refusal", "dataset") else ""
         out.append(f"<tr{row_class}>" + "".join(
             f"<td>{e('—' if c is None else str(c))}</td>" for c in cells) + "</tr>")
     out.append("</table>")
@@ -127,9 +174,31 @@ def _site_html(site: dict) -> str:
     return "\n".join(out)
 
 
+def _datasets_html(site: dict) -> str:
+    """One paragraph per dataset: its budget, how it started, its data versions."""
+    e, out = html.escape, []
+    for d in site.get("datasets", []):
+        started = d["started"]
+        how = (f"Started at seq {started['seq']} by the site: "
+               f"{e(started['reason'] or 'no reason given')}." if started
+               else "Started with its first release.")
+        versions = "; ".join(
+            f"v{v['version']} <code>{e(v['fingerprint'])}</code> (seq {v['first_seq']}"
+            + (f"–{v['last_seq']}" if v["last_seq"] != v["first_seq"] else "") + ")"
+            for v in d["versions"]) or "none released yet"
+        newer = (" A new data version spends from the same budget."
+                 if len(d["versions"]) > 1 else "")
+        out.append(f"<p class='dataset'>Dataset <code>{e(d['dataset'])}</code>: budget ε = "
+                   f"{e(format_epsilon(d['budget']))}, spent ε = {e(format_epsilon(d['spent']))}"
+                   f", left ε = {e(format_epsilon(d['left']))}, δ = {_g(d['delta']) or '—'}. "
+                   f"{how} Data versions: {versions}.{newer}</p>")
+    return "\n".join(out)
+
+
 def _svg(site: dict) -> str:
-    """Cumulative ε per round: a polyline per data fingerprint, budget dashed."""
-    rows = [r for r in site["entries"] if r["round"] is not None
+    """Cumulative ε per round: a polyline per dataset, budget dashed."""
+    rows = [{**r, "dataset": r.get("dataset") or r["data_fingerprint"]}
+            for r in site["entries"] if r["round"] is not None and r["kind"] != "dataset"
             and isinstance(r["epsilon_claimed"], (int, float))]
     if not rows:
         return "<p>No readable entries to plot.</p>"
@@ -162,16 +231,16 @@ def _svg(site: dict) -> str:
                    f'y2="{py(budget):.1f}" stroke="#c0392b" stroke-dasharray="6 4"/>'
                    f'<text x="{WIDTH - RIGHT}" y="{py(budget) - 4:.1f}" text-anchor="end" '
                    f'fill="#c0392b">budget ε = {html.escape(format_epsilon(budget))}</text>')
-    fingerprints = list(dict.fromkeys(r["data_fingerprint"] for r in rows))
-    for i, fp in enumerate(fingerprints):
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for i, name in enumerate(datasets):
         colour = COLOURS[i % len(COLOURS)]
-        series = [r for r in rows if r["data_fingerprint"] == fp]
+        series = [r for r in rows if r["dataset"] == name]
         points = " ".join(f"{px(r['round']):.1f},{py(r['epsilon_claimed']):.1f}" for r in series)
         out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
         for r in series:
             x, y = px(r["round"]), py(r["epsilon_claimed"])
             tip = html.escape(f"round {r['round']} ({r['kind']}): ε = "
-                              f"{format_epsilon(r['epsilon_claimed'])}, data {fp}")
+                              f"{format_epsilon(r['epsilon_claimed'])}, dataset {name}")
             if r["kind"] == "refusal":
                 out.append(f'<path d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}'
                            f'M{x - 5:.1f},{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="#c0392b" '
@@ -180,8 +249,8 @@ def _svg(site: dict) -> str:
                 out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}">'
                            f'<title>{tip}</title></circle>')
     out.append("</svg>")
-    legend = "; ".join(f'<span style="color:{COLOURS[i % len(COLOURS)]}">●</span> data '
-                       f"<code>{html.escape(fp)}</code>" for i, fp in enumerate(fingerprints))
+    legend = "; ".join(f'<span style="color:{COLOURS[i % len(COLOURS)]}">●</span> dataset '
+                       f"<code>{html.escape(name)}</code>" for i, name in enumerate(datasets))
     return "\n".join(out) + f"<p class='legend'>{legend}; × refusal; dashed: budget.</p>"
 
 
@@ -207,5 +276,6 @@ def _eps(value) -> str:
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:60em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
         "padding:2px 8px;text-align:right}tr.refusal{background:#fbeaea}"
+        "tr.dataset{background:#eaf1fb}"
         ".ok{color:#2a8a4a}.warn{color:#b8860b}.bad{color:#c0392b}"
         "ul.problems li{color:#c0392b}svg text{font-size:11px}code{font-size:90%}")

@@ -17,10 +17,17 @@ Each claim is held to the accountant its entry names (docs/accounting.md):
   PLD(2h) - PLD(h), about three times it, bounds it (pld_error). A claim is flagged when
   it is below PLD(h) - pld_error - PRV_EPS_ERROR: below a lower bound on the true ε by
   more than the precision the PRV accountant states for its value.
+
+Accounting is per dataset (an entry's `dataset`, or its fingerprint in older ledgers),
+across the dataset's data versions. An evaluate or size entry is one unsampled Gaussian
+mechanism: it composes as a Poisson-sampled Gaussian at q = 1. A run directory also
+holds the ledger heads ("seq:hash") the server received from each site; a ledger that
+no longer contains one of them was cut off or rewritten after the server saw it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +41,9 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 from common.privacy.keys import (
     KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
 )
-from common.privacy.ledger import chain_problems, parse_ledger_bytes
+from common.privacy.ledger import (
+    HEADS_SUFFIX, RELEASES_NOTHING, chain_problems, heads_file, parse_head, parse_ledger_bytes,
+)
 
 # dp_accounting logs (through absl) every RDP order it cannot evaluate and then
 # leaves out; leaving orders out only makes ε larger, so the message is noise here.
@@ -84,6 +93,10 @@ class EntryResult:
     time: str | None
     accountant: str | None = None  # the accountant the entry names, e.g. "opacus-prv"
     reference: str | None = None   # what its claim is held to: "rdp" or "pld"
+    dataset: str | None = None     # the budget identity; data_fingerprint is its version
+    run_id: str | None = None
+    withheld: str | None = None    # a train entry's reason for not sending its update
+    released_value: float | None = None  # a size entry's noisy count
 
 
 @dataclass(frozen=True)
@@ -187,18 +200,29 @@ def verify_path(path: Path, trusted_keys: Path | None = None,
     if trusted_keys is not None and not Path(trusted_keys).is_dir():
         raise VerifyInputError(f"Trusted key directory {trusted_keys} does not exist; pass "
                                "the folder holding <site>.pub.pem for every site.")
+    orphans: list[Path] = []
     if path.is_file():
         ledgers, run_dir = [path], False
     elif path.is_dir():
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
-        ledgers, run_dir = sorted(folder.glob("*.jsonl")), True
+        ledgers = sorted(p for p in folder.glob("*.jsonl") if not p.name.endswith(HEADS_SUFFIX))
+        orphans = sorted(p for p in folder.glob("*" + HEADS_SUFFIX)
+                         if not p.with_name(p.name[:-len(HEADS_SUFFIX)] + ".jsonl").exists())
+        run_dir = True
     else:
         raise VerifyInputError(f"{path} does not exist; pass a ledger file or a run directory.")
-    if not ledgers:
+    if not ledgers and not orphans:
         raise VerifyInputError(f"No ledgers found in {path}: expected "
                                f"{path}/ledgers/<site>.jsonl beside <site>.pub.pem.")
     sites = tuple(_verify_ledger(ledger, trusted_keys, tolerance, run_dir)
                   for ledger in ledgers)
+    # The server holds heads from a site whose ledger is gone: nothing left to verify.
+    sites += tuple(SiteResult(
+        p.name[:-len(HEADS_SUFFIX)], str(p.with_name(p.name[:-len(HEADS_SUFFIX)] + ".jsonl")),
+        False, (), (), (Problem(p.name[:-len(HEADS_SUFFIX)], None,
+                                f"The server received ledger heads from this site ({p.name}) "
+                                "but its ledger is missing: restore the site's ledger."),))
+        for p in orphans)
     return VerifyReport(str(path), tolerance, None if trusted_keys is None
                         else str(trusted_keys), sites)
 
@@ -218,11 +242,48 @@ def _verify_ledger(ledger: Path, trusted_keys: Path | None, tolerance: float,
                                             f"site {site!r}; the file name must match."))
     problems += [Problem(site, _seq(entries[pos], pos), message)
                  for pos, message in chain_problems(entries, [n for n, _ in good])]
+    problems += _check_heads(site, heads_file(ledger), entries)
     pinned, key_problems = _check_signatures(site, ledger, entries, trusted_keys)
     rows, account_problems = _check_accounting(site, entries, tolerance)
     fingerprints = tuple(sorted({str(e.get("key_fingerprint")) for e in entries}))
     return SiteResult(site, str(ledger), pinned, fingerprints, tuple(rows),
                       tuple(problems + key_problems + account_problems))
+
+
+def _check_heads(site: str, heads: Path, entries: list[dict]) -> list[Problem]:
+    """Every head the server received must still be in the ledger: a site that cuts
+    entries off (to get its budget back) or rewrites them cannot also change what the
+    server already holds."""
+    if not heads.exists():
+        return []
+    try:
+        lines = heads.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError) as exc:
+        return [Problem(site, None, f"{heads.name} cannot be read ({exc}), so the heads the "
+                                    "server received cannot be checked.")]
+    hashes: dict[int, set[str]] = {}
+    for pos, entry in enumerate(entries):  # a forged seq or hash may be any JSON value
+        hashes.setdefault(_seq(entry, pos), set()).add(str(entry.get("hash")))
+    problems, seen = [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            round_no, (seq, digest) = record["round"], parse_head(record["head"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(Problem(site, None, f"{heads.name} line {number} is not a head "
+                                                f"record {{round, phase, head: 'seq:hash'}} "
+                                                f"({exc}); that head cannot be checked."))
+            continue
+        if (seq, digest) in seen:
+            continue
+        seen.add((seq, digest))
+        if digest not in hashes.get(seq, ()):
+            problems.append(Problem(site, seq, f"{heads.name}: the ledger does not extend a head "
+                                               f"the server received in round {round_no} (seq "
+                                               f"{seq}): entries were cut off or rewritten."))
+    return problems
 
 
 def _check_signatures(site: str, ledger: Path, entries: list[dict],
@@ -277,44 +338,67 @@ def _check_accounting(site: str, entries: list[dict],
     rows: list[EntryResult] = []
     problems: list[Problem] = []
     histories: dict[str, list[tuple[float, float, int]]] = {}
-    last: dict[str, tuple[float, float]] = {}  # fingerprint -> (claimed ε, δ)
+    last: dict[str, tuple[float, float]] = {}  # dataset -> (claimed ε, δ)
     for pos, entry in enumerate(entries):
         seq, kind = _seq(entry, pos), str(entry.get("kind"))
         data = str(entry.get("data_fingerprint"))
+        dataset = str(entry.get("dataset", data))
         sigma, q = _num(entry, "noise_multiplier"), _num(entry, "sample_rate")
         steps, claim = _num(entry, "steps", int), _num(entry, "epsilon")
         delta, budget = _num(entry, "delta"), _num(entry, "epsilon_budget")
         say = lambda message: problems.append(Problem(site, seq, message))  # noqa: E731
         rdp = pld = reference = None
+        fresh = dataset not in histories
+        if kind == "dataset" and not fresh:
+            say(f"Entry seq {seq} starts dataset {dataset!r} again after it has entries: a "
+                "dataset can be started once, and a restart would reset its budget.")
+        elif fresh and histories and kind != "dataset" and "dataset" in entry:
+            say(f"Entry seq {seq} is the first on dataset {dataset!r}, but no dataset entry "
+                f"started it and the ledger already holds {sorted(histories)}: only a ledger's "
+                "first dataset may start implicitly, so this fresh budget was never declared.")
+        history = histories.setdefault(dataset, [])
         if None in (sigma, q, steps, claim, delta, budget) or not 0 < delta < 1:
             say(f"Entry seq {seq} lacks a valid noise_multiplier, sample_rate, steps, "
                 "epsilon, delta or epsilon_budget, so its ε cannot be re-derived.")
         else:
-            history = histories.setdefault(data, [])
             mechanism = entry.get("mechanism") if isinstance(entry.get("mechanism"), dict) else {}
-            if (mechanism.get("noise", "gaussian"), mechanism.get("sampling", "poisson")) \
-                    != ("gaussian", "poisson"):
+            noise = mechanism.get("noise", "gaussian")
+            sampling = mechanism.get("sampling", "poisson")
+            if kind in RELEASES_NOTHING:
+                pass  # nothing released, so no mechanism to re-derive
+            elif noise != "gaussian" or sampling not in ("poisson", "none"):
                 say(f"Entry seq {seq} records mechanism {mechanism}; the verifier re-derives "
-                    "only Poisson-sampled Gaussian noise, so this ε is unchecked.")
-            if kind == "refusal":
+                    "only Gaussian noise, Poisson-sampled or unsampled, so this ε is unchecked.")
+            elif sampling == "none" and q != 1:
+                say(f"Entry seq {seq} records an unsampled Gaussian mechanism with sample_rate "
+                    f"{q:g}; without sampling there is no amplification, so it is counted at "
+                    "1.0 and the rate must say so.")
+            rate = 1.0 if sampling == "none" else q
+            if kind in RELEASES_NOTHING:
                 if (sigma, q, steps) != (0, 0, 0):
-                    say(f"Refusal seq {seq} records a release (σ={sigma}, q={q}, steps={steps}); "
-                        "a refusal must release nothing.")
-                if data in last and not math.isclose(claim, last[data][0], rel_tol=1e-9):
-                    say(f"Refusal seq {seq} changes ε from {last[data][0]:.4f} to {claim:.4f}; a "
-                        "refusal releases nothing, so ε must stay unchanged.")
-            elif sigma > 0 and 0 < q <= 1 and steps > 0:
-                history.append((sigma, q, steps))
+                    label = "refusal" if kind == "refusal" else "dataset start"
+                    say(f"{label.capitalize()} seq {seq} records a release (σ={sigma}, q={q}, "
+                        f"steps={steps}); a {label} must release nothing.")
+                if kind == "dataset" and claim != 0:
+                    say(f"Dataset entry seq {seq} claims ε={claim:.4f}; a new dataset starts "
+                        "with nothing spent, so ε must be 0.")
+                if kind == "refusal" and dataset in last and not math.isclose(
+                        claim, last[dataset][0], rel_tol=1e-9):
+                    say(f"Refusal seq {seq} changes ε from {last[dataset][0]:.4f} to "
+                        f"{claim:.4f}; a refusal releases nothing, so ε must stay unchanged.")
+            elif sigma > 0 and 0 < rate <= 1 and steps > 0:
+                history.append((sigma, rate, steps))
             else:
                 history.append((0.0, 1.0, max(steps, 1)))  # unbounded: no privacy
                 say(f"Entry seq {seq} records a non-private release (σ={sigma}, q={q}, "
                     f"steps={steps}); its ε is unbounded.")
-            if data in last and delta != last[data][1]:
-                say(f"Entry seq {seq} switches δ from {last[data][1]:g} to {delta:g} on the same "
-                    "data, so its ε values cannot be compared; keep one δ per data.")
-            if data in last and claim < last[data][0]:
-                say(f"Entry seq {seq} claims ε={claim:.4f}, below the {last[data][0]:.4f} "
-                    "claimed before on the same data; ε is cumulative and cannot fall.")
+            if dataset in last and delta != last[dataset][1]:
+                say(f"Entry seq {seq} switches δ from {last[dataset][1]:g} to {delta:g} on "
+                    f"dataset {dataset!r}, so its ε values cannot be compared; keep one δ per "
+                    "dataset.")
+            if dataset in last and claim < last[dataset][0]:
+                say(f"Entry seq {seq} claims ε={claim:.4f}, below the {last[dataset][0]:.4f} "
+                    f"claimed before on dataset {dataset!r}; ε is cumulative and cannot fall.")
             if claim > budget:
                 say(f"Entry seq {seq} claims ε={claim:.4f}, above its budget {budget:.4f}: "
                     "the site released beyond its privacy budget.")
@@ -336,18 +420,21 @@ def _check_accounting(site: str, entries: list[dict],
             if claim < floor:
                 over = " and above the budget" if rdp > budget else ""
                 say(f"Entry seq {seq} claims ε={claim:.4f} by {named or 'an unnamed accountant'}"
-                    f", but its {len(history)} recorded release(s) on this data re-derive to "
-                    f"ε={rdp:.4f} (RDP) and ε={pld:.4f} (PLD) at δ={delta:g}; held to "
-                    f"{reference.upper()}{allowed}, the claim is too low{over}.")
-            last[data] = (claim, delta)
+                    f", but its {len(history)} recorded release(s) on dataset {dataset!r} "
+                    f"re-derive to ε={rdp:.4f} (RDP) and ε={pld:.4f} (PLD) at δ={delta:g}; held "
+                    f"to {reference.upper()}{allowed}, the claim is too low{over}.")
+            last[dataset] = (claim, delta)
+        text = lambda name: _text(entry, name)  # noqa: E731
         rows.append(EntryResult(
             seq, _num(entry, "round", int), kind, data, sigma, q, steps,
             _num(entry, "max_grad_norm"), delta, claim, budget, rdp, pld,
-            entry.get("reason") if isinstance(entry.get("reason"), str) else None,
-            entry.get("time") if isinstance(entry.get("time"), str) else None,
-            entry.get("accountant") if isinstance(entry.get("accountant"), str) else None,
-            reference))
+            text("reason"), text("time"), text("accountant"), reference, dataset,
+            text("run_id"), text("withheld"), _num(entry, "released_value")))
     return rows, problems
+
+
+def _text(entry: dict, name: str) -> str | None:
+    return entry.get(name) if isinstance(entry.get(name), str) else None
 
 
 def _seq(entry: dict, pos: int) -> int:

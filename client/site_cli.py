@@ -1,0 +1,170 @@
+"""`fedcare site status|new-dataset`: a hospital operator's view of its own ledger.
+
+    fedcare site status STATE_DIR
+    fedcare site new-dataset STATE_DIR --dataset NAME --reason TEXT [--budget EPS] [--delta D]
+
+status prints, per dataset, the budget, ε spent and left, δ, the data versions and
+every entry, and whether the chain and signatures verify (exit 0 verified, 1 not, 2
+no ledger). new-dataset appends a signed "dataset" entry: the hospital declares that
+NAME is new data with a fresh budget, and says why. Both read what the auditor reads:
+verification is `common.privacy.verify`'s, not a second implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from common.privacy.keys import (
+    PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
+)
+from common.names import check_name
+from common.privacy.ledger import Ledger, LedgerError
+from common.privacy.report import dataset_summaries, format_epsilon
+from common.privacy.verify import VerifyInputError, verify_path
+
+LEDGER_FILE = "ledger.jsonl"  # what client/budget.py writes in the state folder
+NO_DATA = "none"  # a dataset start's data_fingerprint: it releases no data version
+
+
+def register(site_commands: argparse._SubParsersAction) -> None:
+    """Add `status` and `new-dataset` under an existing `fedcare site` parser."""
+    status = site_commands.add_parser(
+        "status", help="the site's budget per dataset, its entries, and whether they verify")
+    status.add_argument("state_dir", type=Path, help="the site's state folder")
+    status.set_defaults(func=cmd_status)
+    new = site_commands.add_parser(
+        "new-dataset", help="declare a new dataset with a fresh budget (signed, with a reason)")
+    new.add_argument("state_dir", type=Path, help="the site's state folder")
+    new.add_argument("--dataset", required=True, type=dataset_name,
+                     help="the new dataset's name: letters, digits, '.', '_', '-' (max 64)")
+    new.add_argument("--reason", required=True,
+                     help="why this is a new dataset rather than a new version of one")
+    new.add_argument("--budget", type=float, default=None,
+                     help="its ε budget (default: the budget of the ledger's latest entry)")
+    new.add_argument("--delta", type=float, default=None,
+                     help="its δ (default: the δ of the ledger's latest entry)")
+    new.set_defaults(func=cmd_new_dataset)
+
+
+def dataset_name(text: str) -> str:
+    try:
+        return check_name("--dataset", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_status(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
+    ledger = Path(args.state_dir) / LEDGER_FILE
+    if not ledger.is_file():
+        print(f"{args.state_dir} has no {LEDGER_FILE}: this site has released nothing yet, "
+              "or the folder is not its state folder (its node config's state-dir).",
+              file=sys.stderr)
+        return 2
+    try:
+        report = verify_path(ledger)
+    except (VerifyInputError, KeyFileError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    site = report.sites[0]
+    say = lambda line="": print(line, file=out)  # noqa: E731
+    say(f"site {site.site}: ledger {ledger}, {len(site.entries)} entries")
+    for d in dataset_summaries(site.entries):
+        say()
+        say(f"dataset {d['dataset']}: budget ε={format_epsilon(d['budget'])}, spent "
+            f"ε={format_epsilon(d['spent'])}, left ε={format_epsilon(d['left'])}, "
+            f"δ={'—' if d['delta'] is None else format(d['delta'], 'g')}")
+        started = d["started"]
+        say(f"  started at seq {started['seq']}: {started['reason']}" if started
+            else "  started with its first release")
+        if not d["versions"]:
+            say("  no data released yet")
+        for v in d["versions"]:
+            say(f"  data version {v['version']}: {v['fingerprint']} "
+                f"(seq {v['first_seq']}-{v['last_seq']})")
+        rows = [e for e in site.entries if (e.dataset or e.data_fingerprint) == d["dataset"]]
+        say("  seq  time                           run                  round  kind        "
+            "σ       q        steps  ε after  note")
+        for e in rows:
+            note = e.reason or (f"update withheld: {e.withheld}" if e.withheld else "")
+            if e.released_value is not None:
+                note = f"released size {e.released_value:g}"
+            say(f"  {_cell(e.seq):>3}  {_cell(e.time):<29}  {_cell(e.run_id):<19}  "
+                f"{_cell(e.round):>5}  {e.kind:<10}  {_num(e.noise_multiplier):<6}  "
+                f"{_num(e.sample_rate):<7}  {_cell(e.steps):>5}  "
+                f"{format_epsilon(e.epsilon_claimed):>7}  {note}")
+        if any(e.kind == "train" and e.sample_rate == 1.0 for e in rows):
+            say("  note: a train entry has sample rate 1.0: the site's data is not larger than "
+                "its batch, so there is no amplification by sampling and each step costs the "
+                "full Gaussian mechanism's ε.")
+    say()
+    for p in site.problems:
+        say(f"PROBLEM{'' if p.seq is None else f' [seq {p.seq}]'} {p.message}")
+    say(f"the ledger verifies: chain intact, every entry signed by the key in {PUBLIC_KEY_FILE}"
+        if report.ok else
+        f"the ledger does NOT verify ({len(site.problems)} problem(s)); keep it for the "
+        f"auditor (`fedcare audit verify {ledger}`)")
+    return 0 if report.ok else 1
+
+
+def cmd_new_dataset(args: argparse.Namespace, out=None) -> int:
+    state = Path(args.state_dir)
+    path = state / LEDGER_FILE
+    if not path.is_file() or not (state / PRIVATE_KEY_FILE).is_file():
+        missing = LEDGER_FILE if not path.is_file() else PRIVATE_KEY_FILE
+        print(f"{state} has no {missing}: a new dataset is declared in an existing site's "
+              "ledger, signed with its key. A site's first dataset needs no declaration: it "
+              "starts with the first release.", file=sys.stderr)
+        return 2
+    try:
+        ledger = Ledger(path, load_or_create_site_key(state))
+        latest = (ledger.entries() or [None])[-1]
+        if latest is None:
+            raise LedgerError(f"{path} holds no entries; a site's first dataset starts with "
+                              "its first release, no declaration needed.")
+        entry = ledger.append({
+            "kind": "dataset", "site": latest["site"], "run_id": "fedcare-site-cli",
+            "round": 0, "dataset": args.dataset, "data_fingerprint": NO_DATA,
+            "mechanism": {"name": "none"}, "noise_multiplier": 0.0, "sample_rate": 0.0,
+            "steps": 0, "max_grad_norm": 0.0,
+            "delta": latest["delta"] if args.delta is None else args.delta,
+            "accountant": latest["accountant"], "epsilon": 0.0,
+            "epsilon_budget": latest["epsilon_budget"] if args.budget is None else args.budget,
+            "update_sha256": None, "secure_aggregation": False,
+            "software": {"fedcare": _version()}, "reason": args.reason})
+    except (LedgerError, KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"started dataset {args.dataset} at seq {entry['seq']} of {path}: a fresh budget "
+          f"ε={entry['epsilon_budget']:g} at δ={entry['delta']:g}; releases that name dataset "
+          f"{args.dataset} spend from it.", file=out or sys.stdout)
+    return 0
+
+
+def _cell(value) -> str:
+    return "—" if value is None else str(value)
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fedcare")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedcare site")
+    register(parser.add_subparsers(dest="site_command", required=True))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
