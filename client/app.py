@@ -11,6 +11,7 @@ from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.releases import contain_errors, release_filter
 from common.config import Config, from_run_config
 from common.keys import Keys
 
@@ -20,18 +21,19 @@ FIT_CONFIG = "fitins.config"  # where Flower's legacy messages keep the FitIns c
 
 def secure_aggregation_mod(msg, context, call_next):
     """SecAgg+ when the server runs its SecAgg+ workflow, plain otherwise. The site
-    learns that its update goes out masked from the protocol itself, not from a
-    claim of the server, and records it in its ledger."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return call_next(msg, context)
+    learns that its update goes out masked from the protocol itself, never from a claim
+    in the config the server sends: the flag is set here, whatever the config said."""
+    secure = RECORD_KEY_CONFIGS in msg.content.config_records
     if FIT_CONFIG in msg.content.config_records:
-        msg.content.config_records[FIT_CONFIG][Keys.SECURE_AGGREGATION] = True
-    return secaggplus_mod(msg, context, call_next)
+        msg.content.config_records[FIT_CONFIG][Keys.SECURE_AGGREGATION] = secure
+    return secaggplus_mod(msg, context, call_next) if secure else call_next(msg, context)
 
 
 def build_app(cfg: Config | None = None, mods=()) -> ClientApp:
     """`cfg` given: in-process simulation; None: read Flower's run config.
-    `mods` run inside the secure aggregation mod: they see plain, unmasked messages."""
+    Around the site, outermost first: failures leave as a code and a reference; SecAgg+
+    (or plain); only declared releases leave. `mods` run innermost: they see plain,
+    unmasked messages."""
 
     def client_fn(context: Context):
         # torch, transformers and opacus load here, not at import: a deployed SuperNode
@@ -43,7 +45,8 @@ def build_app(cfg: Config | None = None, mods=()) -> ClientApp:
         site = site_from_context(config, context)
         return SiteClient(SiteTrainer(config, site)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, *mods])
+    return ClientApp(client_fn=client_fn,
+                     mods=[contain_errors, secure_aggregation_mod, release_filter, *mods])
 
 
 app = build_app()

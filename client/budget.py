@@ -1,9 +1,14 @@
 """The site's privacy guard: its budget, its signed ledger, its decision to refuse.
 
-The ledger is the site's memory of what it has released on each dataset (keyed by
-the data fingerprint), across rounds and across runs. Before a round the guard
-plans the mechanism and projects ε; if the projection exceeds the site's budget it
-refuses. After training, the entry is written (fsync) before the update may leave.
+The ledger is the site's memory of what it has released on each dataset, across
+rounds and across runs. The budget belongs to the dataset the hospital declares
+(`dataset`, default "main"), not to one version of its records: a changed file spends
+from the same budget until the hospital starts a new dataset with a signed entry
+(`fedcare site new-dataset`). Each entry records the data version as a digest keyed by
+the site's own signing key, so the ledger a server holds cannot be used to test
+guesses of the records. Before a release the guard plans the mechanism and projects
+ε; if the projection exceeds the site's budget it refuses. The entry is written
+(fsync) before the release may leave, and the site's own log gets one line for it.
 
 ε is computed by the site's accountant kind (`privacy.accountant`: "prv", tight, or
 "rdp"), and every entry names it. A claim never falls: a history claimed under RDP and
@@ -14,6 +19,7 @@ value passes it.
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,21 +29,40 @@ import numpy as np
 
 from client.training import PrivateStep
 from common.privacy import accounting
-from common.privacy.keys import load_or_create_site_key, public_key_pem
-from common.privacy.ledger import Ledger, LedgerTruncatedError, discard_incomplete_tail
+from common.privacy.keys import load_or_create_site_key, public_key_pem, sign_digest
+from common.privacy.ledger import (Ledger, LedgerTruncatedError, dataset_of,
+                                   discard_incomplete_tail, format_head)
 
 LEDGER_FILE = "ledger.jsonl"
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}
+COUNT_MECHANISM = {"name": "Gaussian", "noise": "gaussian", "sampling": "none",
+                   "sensitivity": 1}  # a count, or a confusion matrix: one record moves one cell by 1
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What the site allows; the server cannot change it."""
+    """What the site allows; the server can lower its exposure, never raise it."""
     epsilon_budget: float
     delta: float
     min_noise_multiplier: float = 0.0
     max_noise_multiplier: float = 20.0
+    dataset: str = "main"            # the budget's identity
+    run_epsilon_cap: float = 0.0     # most one run may spend; 0 = the run's target
+    count_noise: float = 10.0        # least σ on any released count
+    require_secure_aggregation: bool = False
+    release_evaluation: bool = True  # a deployed site's node config turns it on
+
+    def run_target(self, run_target: float) -> float:
+        return min(run_target, self.run_epsilon_cap) if self.run_epsilon_cap else run_target
+
+    def check_delta(self, records: int) -> None:
+        """δ must be small against 1/n: a mechanism that may fail with probability δ on
+        one of n records must not be likely to fail on someone."""
+        if self.delta * 10 * records > 1:
+            raise accounting.BudgetError(
+                f"δ={self.delta:g} is too large for this dataset: it must be at most "
+                "1/(10 × the number of training records); lower the site's delta")
 
 
 def software_versions() -> dict[str, str]:
@@ -60,15 +85,26 @@ def update_digest(arrays: Sequence[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def data_version(key, records_digest: str) -> str:
+    """The data version a ledger records: a digest of the records keyed by the site's
+    signing key (Ed25519 signatures are deterministic), which nobody without the key
+    can recompute from a guess of the records."""
+    signature = sign_digest(key, hashlib.sha256(
+        f"fedcare data version {records_digest}".encode()).hexdigest())
+    return "v1:" + hashlib.sha256(signature.encode()).hexdigest()[:40]
+
+
 class SiteGuard:
     def __init__(self, site: str, state_dir: Path, fingerprint: str, policy: Policy,
-                 accountant: str = "prv") -> None:
+                 accountant: str = "prv", log=None) -> None:
         accounting.accountant_name(accountant)  # "prv" or "rdp", else a ValueError
-        self.site, self.fingerprint, self.policy = site, fingerprint, policy
+        self.site, self.policy, self.dataset = site, policy, policy.dataset
         self.accountant = accountant  # the kind; entries record accountant_name(kind)
+        self.log = log or (lambda line: None)
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = load_or_create_site_key(self.dir)
+        self.fingerprint = data_version(self.key, fingerprint)
         path = self.dir / LEDGER_FILE
         try:
             self.ledger = Ledger(path, self.key)
@@ -81,10 +117,16 @@ class SiteGuard:
             self.ledger = Ledger(path, self.key)
 
     def history(self) -> accounting.History:
-        return list(self.ledger.history(self.fingerprint))
+        return list(self.ledger.history(self.dataset))
 
     def spent(self) -> float:
-        return self.ledger.spent_epsilon(self.fingerprint)
+        return self.ledger.spent_epsilon(self.dataset)
+
+    def head(self) -> str:
+        """"seq:hash" of the ledger's last entry: the server keeps every head it is
+        sent, so a ledger later cut back or rewritten shows."""
+        head = self.ledger.head()
+        return format_head(*head) if head else ""
 
     def public_key(self) -> str:
         return public_key_pem(self.key.public_key())
@@ -93,20 +135,28 @@ class SiteGuard:
         return (self.dir / LEDGER_FILE).read_text(encoding="utf-8") if (
             self.dir / LEDGER_FILE).exists() else ""
 
-    def plan(self, run_id: str, run_target: float, schedule: accounting.Schedule) -> float:
+    def plan(self, run_id: str, run_target: float, schedule: accounting.Schedule,
+             counts: accounting.History = ()) -> float:
         """σ for this run: fixed at the run's first round so that (a) this run's whole
-        `schedule` of (sample rate, steps) alone stays within `run_target` and (b)
-        everything ever released on this dataset stays within the budget. Later rounds
-        of the run reuse it from the ledger. ε is the site's accountant's. Raises
-        BudgetError when no noise level up to the site's maximum fits."""
+        `schedule` of (sample rate, steps), with the count releases it plans (`counts`,
+        e.g. its evaluations), alone stays within `run_target` (capped by the site's
+        per-run cap) and (b) everything ever released on this dataset stays within the
+        budget. Later rounds of the run reuse it from the ledger. ε is the site's
+        accountant's. Raises BudgetError when no noise level up to the site's maximum
+        fits."""
         for entry in reversed(self.ledger.entries()):
-            if (entry["run_id"] == run_id and entry["data_fingerprint"] == self.fingerprint
+            if (entry["run_id"] == run_id and dataset_of(entry) == self.dataset
                     and entry["kind"] == "train"):
                 return float(entry["noise_multiplier"])
-        p, history = self.policy, self.history()
-        # with nothing spent yet the two limits are one: the smaller target
-        limits = [([], run_target), (history, p.epsilon_budget)] if history else [
-            ([], min(run_target, p.epsilon_budget))]
+        p, history, counts = self.policy, self.history(), list(counts)
+        run_target = p.run_target(run_target)
+        this_run = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                    for e in self.ledger.entries() if e["run_id"] == run_id
+                    and dataset_of(e) == self.dataset and e["steps"] > 0]
+        # with nothing spent before this run the two limits are one: the smaller target
+        limits = [(this_run + counts, run_target), (history + counts, p.epsilon_budget)] \
+            if len(history) > len(this_run) else [
+                (this_run + counts, min(run_target, p.epsilon_budget))]
         sigma = max([accounting.calibrate_noise(prior, schedule, target, p.delta,
                                                 self.accountant)
                      for prior, target in limits] + [p.min_noise_multiplier])
@@ -120,35 +170,98 @@ class SiteGuard:
 
     def projected(self, step: PrivateStep) -> float:
         """The ε the ledger would claim after `step`: never below what is claimed now."""
+        return self._after((step.noise_multiplier, step.sample_rate, step.steps))
+
+    def _after(self, release: tuple[float, float, int]) -> float:
         return max(self.spent(), accounting.epsilon(
-            [*self.history(), (step.noise_multiplier, step.sample_rate, step.steps)],
-            self.policy.delta, self.accountant))
+            [*self.history(), release], self.policy.delta, self.accountant))
+
+    def count_sigma(self, requested: float) -> float:
+        """σ of a count release: the run may ask for more noise, never less."""
+        return max(float(requested), self.policy.count_noise)
+
+    def release_count(self, kind: str, run_id: str, round_no: int, values: np.ndarray,
+                      sigma: float, keep: bool = False) -> np.ndarray:
+        """`values` (counts of records; one record changes one of them by at most 1)
+        plus Gaussian noise of std `sigma`, charged to the budget and written to the
+        ledger before it is returned (`keep`: the noisy values too, to be reused instead
+        of released again); BudgetError (nothing written) if it does not fit."""
+        after = self._after((sigma, 1.0, 1))
+        if after > self.policy.epsilon_budget:
+            raise accounting.BudgetError(
+                f"a {kind} release would bring ε to {after:.4g}, above the site's budget "
+                f"of {self.policy.epsilon_budget:g}")
+        rng = random.SystemRandom()  # the operating system's CSPRNG
+        values = np.asarray(values, dtype=np.float64)
+        noisy = values + np.reshape([rng.gauss(0.0, sigma) for _ in range(values.size)],
+                                    values.shape)
+        extra = {"released_value": float(noisy.flat[0])} if keep else {}
+        self._append(self._entry(
+            kind, run_id, round_no, False, mechanism=COUNT_MECHANISM, noise_multiplier=sigma,
+            sample_rate=1.0, steps=1, max_grad_norm=1.0, epsilon=after, update_sha256=None,
+            **extra))
+        return noisy
+
+    def public_size(self, records: int, sigma: float, run_id: str, round_no: int) -> int:
+        """The training-set size as the site may state it: a noisy count, released (and
+        charged) once per data version and read back from the ledger after that. It
+        sets the sampling rate and the FedAvg weight, so neither reveals the exact n."""
+        for entry in self.ledger.entries():
+            if entry["kind"] == "size" and entry["data_fingerprint"] == self.fingerprint:
+                return max(1, round(float(entry["released_value"])))
+        noisy = self.release_count("size", run_id, round_no, np.asarray([records]), sigma,
+                                   keep=True)
+        return max(1, round(float(noisy[0])))
+
+    def _append(self, fields: dict) -> dict:
+        entry = self.ledger.append(fields)
+        self.log(self.describe(entry))
+        return entry
+
+    def describe(self, entry: dict) -> str:
+        """One line of the site's own log for a ledger entry."""
+        left = entry["epsilon_budget"] - entry["epsilon"]
+        what = (f"refused: {entry.get('reason')}" if entry["kind"] == "refusal" else
+                f"σ={entry['noise_multiplier']:.4g} q={entry['sample_rate']:.4g} "
+                f"steps={entry['steps']}")
+        note = (" (q=1: the data is not larger than the batch, so there is no "
+                "amplification by sampling)" if entry["kind"] in ("train", "personalize")
+                and entry["sample_rate"] >= 1.0 else "")
+        withheld = f"; withheld: {entry['withheld']}" if entry.get("withheld") else ""
+        return (f"release {entry['kind']} run={entry['run_id']} round={entry['round']} "
+                f"dataset={entry.get('dataset')} {what}; ε spent {entry['epsilon']:.4g}, "
+                f"left {left:.4g} of {entry['epsilon_budget']:g} (δ={entry['delta']:g}, "
+                f"ledger seq {entry['seq']}){note}{withheld}")
 
     def _entry(self, kind: str, run_id: str, round_no: int, secure: bool, **fields) -> dict:
         return {
             "kind": kind, "site": self.site, "run_id": run_id, "round": round_no,
-            "data_fingerprint": self.fingerprint, "mechanism": MECHANISM,
+            "dataset": self.dataset, "data_fingerprint": self.fingerprint,
+            "mechanism": MECHANISM,
             "delta": self.policy.delta, "accountant": accounting.accountant_name(self.accountant),
             "epsilon_budget": self.policy.epsilon_budget, "secure_aggregation": secure,
             "software": software_versions(), **fields,
         }
 
     def record_release(self, run_id: str, round_no: int, step: PrivateStep,
-                       epsilon: float, arrays: Sequence[np.ndarray], secure: bool,
-                       kind: str = "train") -> dict:
+                       epsilon: float, arrays: Sequence[np.ndarray] | None, secure: bool,
+                       kind: str = "train", withheld: str = "") -> dict:
         """Write-ahead: returns only once the entry is on disk; then the update may go.
-        kind "personalize": a site's own fine-tune, which stays at the site. The entry
+        kind "personalize": a site's own fine-tune, which stays at the site. `withheld`:
+        the site trained (so it is charged) but sends nothing, and says why. The entry
         claims max(spent, `epsilon`): ε is cumulative, and a history first claimed under
         RDP may re-compute lower under PRV."""
         epsilon = max(float(epsilon), self.spent())
-        return self.ledger.append(self._entry(
+        extra = {"withheld": withheld} if withheld else {}
+        return self._append(self._entry(
             kind, run_id, round_no, secure,
             noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate,
             steps=step.steps, max_grad_norm=step.max_grad_norm, epsilon=epsilon,
-            update_sha256=update_digest(arrays)))
+            update_sha256=None if withheld else update_digest(arrays),
+            **extra))
 
     def record_refusal(self, run_id: str, round_no: int, reason: str, secure: bool) -> dict:
-        return self.ledger.append(self._entry(
+        return self._append(self._entry(
             "refusal", run_id, round_no, secure, noise_multiplier=0.0, sample_rate=0.0,
             steps=0, max_grad_norm=0.0, epsilon=self.spent(), update_sha256=None,
             reason=reason))

@@ -1,123 +1,53 @@
-"""One hospital site: its data, its policy, and what it does in a round.
+"""What a hospital site does in a round: train, evaluate, personalise.
 
 The model and tokenizer are built once per process (Ray actors and SuperNodes
 serve many rounds). The privacy history lives in the site's ledger on disk, keyed
-by its data fingerprint, so it carries from round to round and run to run,
-whichever process serves the site.
+by its dataset, so it carries from round to round and run to run, whichever process
+serves the site. Everything a round returns is declared in client/releases.py: the
+DP update, noisy counts, and what the ledger already says; the training loss, the
+time taken and the exact sizes stay in the site's own log.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
+import math
 import secrets
-import time
 from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from flwr.app import Context
 from flwr.client import NumPyClient
+from flwr.common.logger import log
 
-from client.budget import Policy, SiteGuard
+from client.budget import SiteGuard
+from client.node import Site, simulated_state_dir, site_from_context
 from client.training import PrivateStep, train_plain, train_private
 from common.config import Config
-from common.data import SiteData, federated_data, process_cached, read_records, site_split
-from common.evaluation import Encoded, Features, encode, evaluate, pooled_features
+from common.data import process_cached
+from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
 from common.keys import Keys
+from common.metrics import confusion_matrix, confusion_metrics
 from common.model import (build_model, classifier_of, encoder_arrays, get_adapter_arrays,
                           load_tokenizer, pick_device, save_adapter, set_adapter_arrays,
                           trainable_head)
+from common.names import check_name
 from common.privacy import accounting
 
-class UpdateRangeError(ValueError):
-    """The update cannot be sent as it is under the chosen aggregation."""
+__all__ = ["Site", "SiteClient", "SiteTrainer", "simulated_state_dir", "site_from_context"]
 
 
-@dataclass(frozen=True)
-class Site:
-    name: str
-    data: SiteData
-    label_names: tuple[str, ...]
-    policy: Policy      # the site's own budget: nothing the server sends can raise it
-    state_dir: Path | None  # the site's keys and ledger; None: under the run's directory
-    private: bool = True  # a deployed site trains without DP only if its node config says so
+class Refusal(Exception):
+    """The site will not release this round: `code` goes to the server, `reason` to
+    the ledger and the site's log (neither holds a record value)."""
 
-
-NODE_KEYS = ("site", "data-file", "text-column", "label-column", "state-dir", "epsilon-budget",
-             "delta", "min-noise-multiplier", "max-noise-multiplier", "private")
-
-
-def site_from_context(cfg: Config, context: Context) -> Site:
-    """The site this node is. A hospital's node config names its data file and holds
-    its privacy policy (`epsilon-budget` is then required: the run config, which the
-    server sends, never sets a deployed site's budget). A simulated node only has a
-    `partition-id`: its share of the federated data, its policy from the config."""
-    node = dict(context.node_config)
-    if "data-file" in node:
-        return _deployed_site(cfg, node)
-    if "partition-id" not in node:
-        raise ValueError("node config needs 'data-file' (a hospital) or 'partition-id' "
-                         f"(a simulated site); known keys: {', '.join(NODE_KEYS)}")
-    pid, num = int(node["partition-id"]), int(node["num-partitions"])
-    sites, test = federated_data(cfg.data, num)
-    name = str(node.get("site", f"site{pid}"))
-    policy = _policy(node, Policy(cfg.site.budget_of(pid), cfg.privacy.delta,
-                                  cfg.site.min_noise_multiplier, cfg.site.max_noise_multiplier))
-    state = (Path(node["state-dir"]) if "state-dir" in node
-             else Path(cfg.site.state_dir) / name if cfg.site.state_dir else None)
-    return Site(name, sites[pid], test.label_names, policy, state, cfg.privacy.enabled)
-
-
-def _policy(node: dict, default: Policy) -> Policy:
-    """The node's own policy values where given, else `default`."""
-    return Policy(
-        epsilon_budget=float(node.get("epsilon-budget", default.epsilon_budget)),
-        delta=float(node.get("delta", default.delta)),
-        min_noise_multiplier=float(node.get("min-noise-multiplier",
-                                            default.min_noise_multiplier)),
-        max_noise_multiplier=float(node.get("max-noise-multiplier",
-                                            default.max_noise_multiplier)))
-
-
-def _deployed_site(cfg: Config, node: dict) -> Site:
-    missing = [k for k in ("site", "state-dir", "epsilon-budget", "delta") if k not in node]
-    if missing:
-        raise ValueError(f"a hospital's node config must set {', '.join(missing)} "
-                         "(its name, where its keys and ledger live, its ε budget and δ: "
-                         "the server's run config never sets a hospital's policy)")
-    if not cfg.data.labels:
-        raise ValueError("data.labels must list the label names in the run config when "
-                         "hospitals bring their own files")
-    name = str(node["site"])
-    records = process_cached(("records", node["data-file"]), lambda: read_records(
-        node["data-file"], str(node.get("text-column", cfg.data.text_column)),
-        str(node.get("label-column", cfg.data.label_column)), cfg.data.labels))
-    policy = _policy(node, Policy(0.0, cfg.privacy.delta, cfg.site.min_noise_multiplier,
-                                  cfg.site.max_noise_multiplier))
-    private = node.get("private", True)
-    if not isinstance(private, bool):
-        raise ValueError(f"node config 'private' must be true or false (got {private!r})")
-    return Site(name, site_split(records, cfg.data.val_fraction, cfg.data.seed),
-                cfg.data.labels, policy, Path(str(node["state-dir"])), private)
-
-
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def simulated_state_dir(cfg: Config, run_id: str, site: str) -> Path:
-    """Where a simulated site without `site.state_dir` keeps its keys, ledger and
-    cached features: in the run's directory, as `fedcare simulate` does, so every run
-    (through either door) starts with fresh simulated sites. The run id names a folder,
-    so it must be one plain name."""
-    if not RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
-        raise ValueError(f"run id {run_id!r} cannot name a folder (letters, digits, '.', "
-                         "'_' and '-' only, at most 128)")
-    return Path(cfg.simulation.output_dir).resolve() / run_id / "site_state" / site
-
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
 @dataclass(frozen=True)
 class Phase:
@@ -143,15 +73,20 @@ class SiteTrainer:
         tokenizer = process_cached(("tokenizer", cfg.model.base_model),
                                    lambda: load_tokenizer(cfg.model.base_model))
         self.train_data: Encoded = process_cached(
-            ("train", site.data.fingerprint, cfg.model),
+            ("train", site.data.train, cfg.model),
             lambda: encode(site.data.train, tokenizer, cfg.model.max_length))
         self.val_data: Encoded = process_cached(
-            ("val", site.data.fingerprint, cfg.model),
+            ("val", site.data.val, cfg.model),
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
+
+    def say(self, line: str) -> None:
+        """One line of the site's own log (the SuperNode's output); never sent."""
+        log(INFO, "fedcare site %s: %s", self.site.name, line)
 
     def guard(self) -> SiteGuard:
         return SiteGuard(self.site.name, self.site.state_dir, self.site.data.fingerprint,
-                         self.site.policy, accountant=self.cfg.privacy.accountant)
+                         self.site.policy, accountant=self.cfg.privacy.accountant,
+                         log=self.say)
 
     def phase(self, round_no: int) -> Phase:
         """Rounds 1..train.head_rounds train the head only; later rounds LoRA + head."""
@@ -180,63 +115,77 @@ class SiteTrainer:
             return self.features(self.train_data), trainable_head(self.model)
         return self.train_data, self.model
 
+    def count_sigma(self, guard: SiteGuard) -> float:
+        return guard.count_sigma(self.cfg.privacy.count_noise)
+
     # -- rounds ----------------------------------------------------------------------
     def fit(self, round_no: int, num_rounds: int, run_id: str, secure: bool = False) -> dict:
-        """Train one round; returns the update, its example count and the metrics.
-        A private site that cannot stay within its budget refuses: no update (under
+        """Train one round; returns the update, its FedAvg weight and what the site
+        states about it. A private site that will not release refuses: no update (under
         secure aggregation, a zero update of weight 0, so the masked sum still adds up)."""
-        t = self.cfg.train
-        phase = self.phase(round_no)
+        t, phase = self.cfg.train, self.phase(round_no)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
-        start = time.perf_counter()
         metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: self.site.private,
-                         Keys.REFUSED: "",
-                         Keys.SECURE_AGGREGATION: secure}
+                         Keys.REFUSED: "", Keys.SECURE_AGGREGATION: secure}
         if not self.site.private:
             data, module = self._rows_and_module(phase)
             stats = train_plain(module, data, phase.batch_size, phase.steps,
                                 phase.learning_rate, t.chunk_size, self.device, gen)
-            arrays = self.update(phase)
-            self._check_range(arrays, secure)
+            arrays, weight = self._in_range(self.update(phase), secure), len(self.train_data)
+            if arrays is None:
+                return self._refusal(None, "non-finite", "the update held NaN or infinite "
+                                     "values", secure, metrics, phase)
         else:
             guard = self.guard()
             metrics[Keys.SITE_PUBLIC_KEY] = guard.public_key()
             try:
-                step = self._plan(guard, run_id, round_no, num_rounds, phase)
+                if self.site.policy.require_secure_aggregation and not secure:
+                    raise Refusal("plain-round", "the site requires secure aggregation and "
+                                                 "this round is not under SecAgg+")
+                self.site.policy.check_delta(len(self.train_data))
+                weight = self.public_size(guard, run_id, round_no)
+                step = self._plan(guard, run_id, round_no, num_rounds, phase, weight)
                 data, module = self._rows_and_module(phase)
                 accountant = accounting.make_accountant(guard.history(), guard.accountant)
-                stats = train_private(module, data, step, phase.learning_rate,
-                                      t.chunk_size, self.device, accountant, gen)
-                arrays = self.update(phase)
-                self._check_range(arrays, secure)
-            except (accounting.BudgetError, UpdateRangeError) as err:
-                return self._refuse(guard, run_id, round_no, str(err), secure, metrics, phase)
-            eps = guard.record_release(  # fsync first; the claim, never below what was spent
-                run_id, round_no, step, accounting.epsilon(
-                    accountant.history, guard.policy.delta, guard.accountant),
-                arrays, secure)["epsilon"]
+                stats = train_private(module, data, step, phase.learning_rate, t.chunk_size,
+                                      self.device, accountant, gen, public_size=weight)
+            except accounting.BudgetError as err:
+                return self._refusal(guard, "budget", str(err), secure, metrics, phase,
+                                     run_id, round_no)
+            except Refusal as err:
+                return self._refusal(guard, err.code, err.reason, secure, metrics, phase,
+                                     run_id, round_no)
+            arrays = self._in_range(self.update(phase), secure)
+            eps = accounting.epsilon(accountant.history, guard.policy.delta, guard.accountant)
+            if arrays is None:  # trained, so charged; but nothing usable leaves
+                guard.record_release(run_id, round_no, step, eps, None, secure,
+                                     withheld="the update held NaN or infinite values")
+                return self._refusal(guard, "non-finite", "", secure, metrics, phase)
+            entry = guard.record_release(run_id, round_no, step, eps, arrays, secure)
             metrics.update({
-                Keys.EPSILON: eps, Keys.DELTA: guard.policy.delta,
+                Keys.EPSILON: entry["epsilon"], Keys.DELTA: guard.policy.delta,
                 Keys.NOISE_MULTIPLIER: step.noise_multiplier,
                 Keys.SAMPLE_RATE: step.sample_rate, Keys.MAX_GRAD_NORM: step.max_grad_norm,
-                Keys.LEDGER: guard.ledger_text(),
+                Keys.LEDGER: guard.ledger_text(), Keys.LEDGER_HEAD: guard.head(),
             })
-        metrics.update({
-            Keys.TRAIN_LOSS: stats.loss, Keys.STEPS: stats.steps,
-            Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays)),
-            Keys.TRAIN_SECONDS: time.perf_counter() - start,
-        })
-        return {"arrays": arrays, "num_examples": len(self.train_data), "metrics": metrics}
+        self.say(f"round {round_no}: trained {phase.name}, {stats.steps} steps over "
+                 f"{stats.examples} sampled records, loss {stats.loss:.4f} (kept here)")
+        metrics.update({Keys.STEPS: phase.steps,
+                        Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays))})
+        return {"arrays": arrays, "num_examples": weight, "metrics": metrics}
 
-    def _check_range(self, arrays, secure: bool) -> None:
-        """SecAgg+ clips values to ±clipping_range: an update beyond it would arrive
-        silently changed, so it is not sent at all."""
+    def public_size(self, guard: SiteGuard, run_id: str, round_no: int) -> int:
+        return guard.public_size(len(self.train_data), self.count_sigma(guard), run_id,
+                                 round_no)
+
+    def _in_range(self, arrays: list[np.ndarray], secure: bool) -> list[np.ndarray] | None:
+        """The update as it may leave: None if any value is NaN or infinite; under
+        SecAgg+ clipped into its range ±federation.secagg_clipping_range, which would
+        otherwise change it in transit (clipping DP output is post-processing: free)."""
+        if not all(np.isfinite(a).all() for a in arrays):
+            return None
         limit = self.cfg.federation.secagg_clipping_range
-        largest = max(float(np.abs(a).max()) for a in arrays if a.size)
-        if secure and largest > limit:
-            raise UpdateRangeError(
-                f"an adapter value reaches {largest:.3g}, outside the secure aggregation "
-                f"range ±{limit:g}; raise federation.secagg_clipping_range")
+        return [np.clip(a, -limit, limit) for a in arrays] if secure else arrays
 
     def update(self, phase: Phase) -> list[np.ndarray]:
         """The arrays this round sends: all of them, except that a head round sends
@@ -248,33 +197,46 @@ class SiteTrainer:
                 arrays[i] = np.zeros((0,), dtype=arrays[i].dtype)
         return arrays
 
-    def _refuse(self, guard: SiteGuard, run_id: str, round_no: int, why: str, secure: bool,
-                metrics: dict, phase: Phase) -> dict:
-        reason = f"{self.site.name} refuses round {round_no}: {why}"
-        guard.record_refusal(run_id, round_no, reason, secure)
-        metrics.update({Keys.REFUSED: reason, Keys.EPSILON: guard.spent(),
-                        Keys.LEDGER: guard.ledger_text()})
+    def _refusal(self, guard: SiteGuard | None, code: str, reason: str, secure: bool,
+                 metrics: dict, phase: Phase, run_id: str = "", round_no: int = 0) -> dict:
+        """The reply of a site that sends no update. With `reason`, the refusal is
+        written to the ledger first (nothing released, nothing charged)."""
+        if guard is not None:
+            if reason:
+                guard.record_refusal(run_id, round_no, f"{self.site.name} refuses round "
+                                                       f"{round_no}: {reason}", secure)
+            metrics.update({Keys.EPSILON: guard.spent(), Keys.LEDGER: guard.ledger_text(),
+                            Keys.LEDGER_HEAD: guard.head()})
+        metrics[Keys.REFUSED] = code
         arrays = [np.zeros_like(a) for a in self.update(phase)] if secure else []
         return {"arrays": arrays, "num_examples": 0, "metrics": metrics}
 
-    def schedule(self, round_no: int, num_rounds: int) -> accounting.Schedule:
+    def schedule(self, round_no: int, num_rounds: int, records: int) -> accounting.Schedule:
         """(sample rate, steps) of everything this run will still release from
-        `round_no` on: its head rounds, its LoRA rounds and the personalisation."""
-        t, n = self.cfg.train, len(self.train_data)
+        `round_no` on, over `records` (the size the site states): its head rounds, its
+        LoRA rounds and the personalisation."""
+        t = self.cfg.train
         rounds = [self.phase(r) for r in range(round_no, num_rounds + 1)]
         last = self.phase(num_rounds)
         plan: dict[float, int] = {}
         for p in [*rounds, dataclasses.replace(last, steps=t.personalize_steps)]:
-            q = accounting.sample_rate(p.batch_size, n)
+            q = accounting.sample_rate(p.batch_size, records)
             plan[q] = plan.get(q, 0) + p.steps
         return [(q, steps) for q, steps in plan.items() if steps > 0]
 
     def _plan(self, guard: SiteGuard, run_id: str, round_no: int, num_rounds: int,
-              phase: Phase) -> PrivateStep:
-        """This release's mechanism, refused (BudgetError) if it would pass the budget."""
+              phase: Phase, records: int) -> PrivateStep:
+        """This release's mechanism, refused (BudgetError) if it would pass the budget.
+        σ leaves room for the run's evaluations (one noisy confusion matrix a round,
+        and one of the personalised model) when the site releases them."""
         p = self.cfg.privacy
-        sigma = guard.plan(run_id, p.target_epsilon, self.schedule(round_no, num_rounds))
-        step = PrivateStep(sigma, accounting.sample_rate(phase.batch_size, len(self.train_data)),
+        evaluations = 0
+        if self.site.policy.release_evaluation:
+            evaluations = num_rounds - round_no + 1 + bool(self.cfg.train.personalize_steps)
+        counts = [(self.count_sigma(guard), 1.0, 1)] * evaluations
+        sigma = guard.plan(run_id, p.target_epsilon, self.schedule(round_no, num_rounds,
+                                                                   records), counts)
+        step = PrivateStep(sigma, accounting.sample_rate(phase.batch_size, records),
                            phase.steps, p.max_grad_norm)
         projected = guard.projected(step)
         if projected > guard.policy.epsilon_budget:
@@ -283,60 +245,84 @@ class SiteTrainer:
                 f"budget of {guard.policy.epsilon_budget:g}")
         return step
 
-    def evaluate(self, round_no: int = 0, num_rounds: int = 0,
-                 run_id: str = "") -> tuple[float, int, dict]:
-        """The global model on the site's validation records; after the last round,
-        also the site's personalised copy (when train.personalize_steps > 0)."""
-        m = self._metrics()
-        loss = m.pop("loss")
-        out = {Keys.SITE: self.site.name, **m}
+    def evaluate(self, round_no: int, num_rounds: int, run_id: str) -> tuple[float, int, dict]:
+        """The global model on the site's validation records, released as a noisy
+        confusion matrix (charged) and the metrics computed from it, if the site
+        releases evaluation at all; after the last round, also the site's personalised
+        copy (when train.personalize_steps > 0). No loss is sent."""
+        out: dict = {Keys.SITE: self.site.name, Keys.EVALUATED: False}
+        if not self.site.policy.release_evaluation:
+            return math.nan, 0, out
+        guard = self.guard() if self.site.private else None
+        try:
+            matrix = self._release_matrix(guard, run_id, round_no)
+        except accounting.BudgetError as err:
+            guard.record_refusal(run_id, round_no, f"{self.site.name} does not evaluate "
+                                                   f"round {round_no}: {err}", False)
+            out[Keys.REFUSED] = "budget"
+        else:
+            out.update(confusion_metrics(matrix), **{Keys.EVALUATED: True})
         if self.cfg.train.personalize_steps and round_no and round_no == num_rounds:
-            out.update(self.personalize(run_id, round_no, num_rounds))
-        return loss, len(self.val_data), out
+            out.update(self.personalize(guard, run_id, round_no, num_rounds))
+        if guard is not None:
+            out.update({Keys.EPSILON: guard.spent(), Keys.LEDGER: guard.ledger_text(),
+                        Keys.LEDGER_HEAD: guard.head(),
+                        Keys.SITE_PUBLIC_KEY: guard.public_key()})
+        total = int(max(0, round(float(matrix.sum())))) if out[Keys.EVALUATED] else 0
+        return math.nan, total, out
 
-    def _metrics(self) -> dict:
-        m = evaluate(trainable_head(self.model), self.features(self.val_data),
-                     len(self.site.label_names), self.device)
-        return {k: v for k, v in m.items() if np.isfinite(v)}
+    def _release_matrix(self, guard: SiteGuard | None, run_id: str,
+                        round_no: int) -> np.ndarray:
+        """The validation confusion matrix under the current adapter: exact at a
+        non-private site, else with Gaussian noise on every cell, charged."""
+        probs = predict_probs(trainable_head(self.model), self.features(self.val_data),
+                              self.device)
+        k = len(self.site.label_names)
+        matrix = confusion_matrix(probs.argmax(axis=1), np.asarray(self.val_data.labels), k)
+        if guard is None:
+            return matrix
+        return guard.release_count("evaluate", run_id, round_no, matrix,
+                                   self.count_sigma(guard))
 
-    def personalize(self, run_id: str, round_no: int, num_rounds: int) -> dict:
+    def personalize(self, guard: SiteGuard | None, run_id: str, round_no: int,
+                    num_rounds: int) -> dict:
         """Fine-tune a copy of the global adapter on this site's data, with DP charged
-        to the same budget and ledger; save it at the site; report its metrics. It
-        trains like the run's last round (head only, or LoRA + head)."""
+        to the same budget and ledger; save it at the site; release its noisy
+        validation metrics. It trains like the run's last round (head only, or LoRA +
+        head)."""
         t = self.cfg.train
         phase = dataclasses.replace(self.phase(num_rounds), steps=t.personalize_steps)
         global_arrays = get_adapter_arrays(self.model)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         out: dict = {}
         try:
-            if self.site.private:
-                guard = self.guard()
+            data, module = self._rows_and_module(phase)
+            if guard is not None:
                 try:
-                    step = self._plan(guard, run_id, num_rounds + 1, num_rounds, phase)
+                    records = self.public_size(guard, run_id, round_no)
+                    step = self._plan(guard, run_id, num_rounds + 1, num_rounds, phase,
+                                      records)
+                    accountant = accounting.make_accountant(guard.history(), guard.accountant)
+                    train_private(module, data, step, phase.learning_rate, t.chunk_size,
+                                  self.device, accountant, gen, public_size=records)
+                    guard.record_release(run_id, round_no, step, accounting.epsilon(
+                        accountant.history, guard.policy.delta, guard.accountant),
+                        get_adapter_arrays(self.model), False, "personalize")
+                    matrix = self._release_matrix(guard, run_id, round_no)
                 except accounting.BudgetError as err:
-                    reason = f"{self.site.name} does not personalise: {err}"
-                    guard.record_refusal(run_id, round_no, reason, False)
-                    return {Keys.PERSONALIZED_REFUSED: reason, Keys.LEDGER: guard.ledger_text()}
-                data, module = self._rows_and_module(phase)
-                accountant = accounting.make_accountant(guard.history(), guard.accountant)
-                train_private(module, data, step, phase.learning_rate,
-                              t.chunk_size, self.device, accountant, gen)
-                arrays = get_adapter_arrays(self.model)
-                eps = guard.record_release(run_id, round_no, step, accounting.epsilon(
-                    accountant.history, guard.policy.delta, guard.accountant),
-                    arrays, False, "personalize")["epsilon"]
-                out.update({Keys.EPSILON: eps, Keys.LEDGER: guard.ledger_text(),
-                            Keys.SITE_PUBLIC_KEY: guard.public_key()})
+                    guard.record_refusal(run_id, round_no, f"{self.site.name} does not "
+                                                           f"personalise: {err}", False)
+                    return {Keys.PERSONALIZED_REFUSED: "budget"}
             else:
-                data, module = self._rows_and_module(phase)
                 train_plain(module, data, phase.batch_size, phase.steps,
                             phase.learning_rate, t.chunk_size, self.device, gen)
-            folder = self.site.state_dir / "personalized" / run_id
+                matrix = self._release_matrix(None, run_id, round_no)
+            folder = self.site.state_dir / "personalized" / check_name("run id", run_id)
             save_adapter(self.model, folder, self.site.label_names, self.cfg.model.base_model,
                          self.cfg.model.max_length)
-            out.update({f"personalized_{k}": v for k, v in self._metrics().items()
-                        if k != "loss"})
-            out[Keys.PERSONALIZED_ADAPTER] = str(folder)
+            self.say(f"personalised adapter saved in {folder}")
+            out.update({f"personalized_{k}": v for k, v in confusion_metrics(matrix).items()})
+            out[Keys.PERSONALIZED_ADAPTER] = True
         finally:
             set_adapter_arrays(self.model, global_arrays)  # the global model stays global
         return out
@@ -358,31 +344,33 @@ def _load_or_make_features(path: Path, data: Encoded, make) -> Features:
 
 
 class SiteClient(NumPyClient):
-    """Flower's view of a site: arrays in, arrays and metrics out."""
+    """Flower's view of a site: arrays in, declared releases out."""
 
     def __init__(self, trainer: SiteTrainer) -> None:
         self.trainer = trainer
 
     def get_parameters(self, config):
-        return get_adapter_arrays(self.trainer.model)
+        raise PermissionError("a site sends its adapter only as a round's DP update")
 
-    def _bind(self, config) -> None:
+    def _bind(self, config) -> str:
+        """The run id, checked before it names anything; a simulated site's state
+        folder under the run's directory."""
+        run_id = check_name("run id", str(config.get(Keys.RUN_ID, "")))
         site = self.trainer.site
         if site.state_dir is None:
             self.trainer.site = dataclasses.replace(site, state_dir=simulated_state_dir(
-                self.trainer.cfg, str(config.get(Keys.RUN_ID, "")), site.name))
+                self.trainer.cfg, run_id, site.name))
+        return run_id
 
     def fit(self, parameters, config):
-        self._bind(config)
+        run_id = self._bind(config)
         set_adapter_arrays(self.trainer.model, parameters)
-        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]),
-                               str(config[Keys.RUN_ID]),
+        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]), run_id,
                                secure=bool(config.get(Keys.SECURE_AGGREGATION, False)))
         return out["arrays"], out["num_examples"], out["metrics"]
 
     def evaluate(self, parameters, config):
-        self._bind(config)
+        run_id = self._bind(config)
         set_adapter_arrays(self.trainer.model, parameters)
         return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
-                                     int(config.get(Keys.NUM_ROUNDS, 0)),
-                                     str(config.get(Keys.RUN_ID, "")))
+                                     int(config.get(Keys.NUM_ROUNDS, 0)), run_id)

@@ -103,6 +103,12 @@ class PrivacyConfig:
     target_epsilon: float = field(default=8.0, metadata={"help": "Per-site epsilon for this run."})
     delta: float = field(default=1e-5, metadata={"help": "Per-site delta."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
+    count_noise: float = field(
+        default=10.0,
+        metadata={"help": "σ of the Gaussian noise on every count a site releases (each "
+                          "cell of its validation confusion matrix, its training-set size "
+                          "once per data version); each such release is charged to its ε. "
+                          "A site uses the larger of this and its own."})
     accountant: Literal["prv", "rdp"] = field(
         default="prv",
         metadata={"help": "How ε is computed for calibration, budget checks and ledger "
@@ -113,6 +119,7 @@ class PrivacyConfig:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
         _check(0 < self.delta < 1, "privacy.delta", self.delta, "in (0, 1)")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.count_noise > 0, "privacy.count_noise", self.count_noise, "> 0")
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ class SiteConfig:
     state_dir: str = field(
         default="", metadata={"help": "Simulated sites' keys, ledgers and cached features; "
                                       "'' = <run dir>/site_state (fresh sites every run)."})
+    min_val_records: int = field(
+        default=10, metadata={"help": "A site refuses a validation split smaller than this."})
 
     def __post_init__(self) -> None:
         _check(self.epsilon_budget > 0, "site.epsilon_budget", self.epsilon_budget, "> 0")
@@ -141,6 +150,8 @@ class SiteConfig:
         _check(self.max_noise_multiplier > self.min_noise_multiplier,
                "site.max_noise_multiplier", self.max_noise_multiplier,
                f"> site.min_noise_multiplier ({self.min_noise_multiplier})")
+
+        _check(self.min_val_records >= 1, "site.min_val_records", self.min_val_records, ">= 1")
 
     def budget_of(self, index: int) -> float:
         return self.budgets[index] if index < len(self.budgets) else self.epsilon_budget
@@ -241,6 +252,88 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         _check(self.num_sites >= 1, "simulation.num_sites", self.num_sites, ">= 1")
         _check(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A site's own settings: a SuperNode's `--node-config` (keys with '-'), parsed
+    through the same coercion as the run config. A hospital's node config names its data
+    and holds everything that defines its data and its exposure; the run config, which
+    the server sends, can lower a privacy setting here, never raise it. A simulated
+    node carries only Flower's `partition-id` / `num-partitions` (and may name its site
+    and state folder)."""
+    site: str = ""
+    state_dir: str = field(default="", metadata={"help": "The site's key, ledger and caches."})
+    data_file: str = field(default="", metadata={"help": "The site's CSV/JSONL records."})
+    dataset: str = field(
+        default="main", metadata={"help": "The budget's identity: every version of this "
+                                          "data spends from one lifetime budget."})
+    epsilon_budget: float = field(default=0.0, metadata={"help": "Lifetime ε of the dataset."})
+    delta: float = field(default=0.0, metadata={"help": "δ; at most 1/(10·records)."})
+    run_epsilon_cap: float = field(
+        default=0.0, metadata={"help": "Most ε one run may spend; 0 = the run's target."})
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = field(
+        default=(), metadata={"help": "The site's label names (any order); the run's must "
+                                      "be the same set. () = the run's names."})
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    min_val_records: int = 10
+    min_noise_multiplier: float = 0.0
+    max_noise_multiplier: float = 20.0
+    count_noise: float = field(default=10.0, metadata={"help": "σ on released counts."})
+    private: bool = True
+    require_secure_aggregation: bool = field(
+        default=False, metadata={"help": "Refuse every round not under SecAgg+."})
+    release_evaluation: bool = field(
+        default=False, metadata={"help": "Send DP evaluation metrics (a noisy confusion "
+                                         "matrix, charged to ε)."})
+    partition_id: int = -1   # set by Flower in a simulation
+    num_partitions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.data_file:
+            missing = [k for k in ("site", "state_dir") if not getattr(self, k)]
+            missing += [k for k in ("epsilon_budget", "delta") if not getattr(self, k)]
+            if missing:
+                raise ConfigError(
+                    "a hospital's node config must set " + ", ".join(
+                        m.replace("_", "-") for m in missing) + " (its name, where its keys "
+                    "and ledger live, its ε budget and δ: the server's run config never "
+                    "sets a hospital's policy)")
+        elif self.partition_id < 0:
+            raise ConfigError("node config needs 'data-file' (a hospital) or 'partition-id' "
+                              "(a simulated site); known keys: " + ", ".join(NODE_KEYS))
+        _check(self.epsilon_budget >= 0, "node config epsilon-budget", self.epsilon_budget,
+               "> 0")
+        _check(0 <= self.delta < 1, "node config delta", self.delta, "in (0, 1)")
+        _check(self.run_epsilon_cap >= 0, "node config run-epsilon-cap",
+               self.run_epsilon_cap, ">= 0")
+        _check(0 < self.val_fraction < 1, "node config val-fraction", self.val_fraction,
+               "in (0, 1)")
+        _check(self.min_val_records >= 1, "node config min-val-records",
+               self.min_val_records, ">= 1")
+        _check(self.max_noise_multiplier > self.min_noise_multiplier >= 0,
+               "node config max-noise-multiplier", self.max_noise_multiplier,
+               "> min-noise-multiplier >= 0")
+        _check(self.count_noise > 0, "node config count-noise", self.count_noise, "> 0")
+
+
+NODE_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig))
+
+
+def from_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """A SuperNode's node config (`key-name = value`) as a NodeConfig; unknown keys and
+    bad values are refused by name."""
+    values = {str(k).replace("-", "_"): v for k, v in dict(node_config).items()}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(NodeConfig)})
+    if unknown:
+        raise ConfigError(f"node config key {unknown[0].replace('_', '-')!r} is not known; "
+                          f"allowed: {', '.join(NODE_KEYS)}")
+    hints = typing.get_type_hints(NodeConfig)
+    return NodeConfig(**{k: _coerce(f"node config key {k.replace('_', '-')!r}", v, hints[k])
+                         for k, v in values.items()})
 
 
 @dataclass(frozen=True)

@@ -183,14 +183,27 @@ class SiteData:
 
 
 def fingerprint(ds: TextDataset) -> str:
+    """A digest of the records as a set of (text, label name): the same records give
+    the same digest whatever their order in the file and whatever the order of the
+    run's label list. It stays at the site (a digest of the data must not be sent: a
+    party that knows every record but one could test guesses of the last against it);
+    what a ledger records is a keyed digest of it (client/budget.py)."""
     digest = hashlib.sha256()
-    for text, label in zip(ds.texts, ds.labels):
-        digest.update(f"{label}\t{text}\n".encode())
+    for line in sorted(f"{ds.label_names[label]}\t{text}\n"
+                       for text, label in zip(ds.texts, ds.labels)):
+        digest.update(line.encode())
     return "sha256:" + digest.hexdigest()
 
 
-def site_split(ds: TextDataset, val_fraction: float, seed: int) -> SiteData:
+def site_split(ds: TextDataset, val_fraction: float, seed: int,
+               min_val_records: int = 1) -> SiteData:
+    """(train, val) by group. A validation split smaller than `min_val_records` is
+    refused: a handful of records chosen by a seed is one crafted query from exposure."""
     train, val = split_by_group(ds, val_fraction, seed)
+    if len(val) < min_val_records:
+        raise DataError(f"the validation split has {len(val)} record(s), fewer than the "
+                        f"site's minimum of {min_val_records}; raise the validation "
+                        "fraction or lower min-val-records")
     return SiteData(train=train, val=val, fingerprint=fingerprint(ds))
 
 
@@ -215,7 +228,8 @@ def held_out(cfg: DataConfig) -> tuple[TextDataset | None, TextDataset]:
     return process_cached(("held_out", cfg), make)
 
 
-def federated_data(cfg: DataConfig, num_sites: int) -> tuple[list[SiteData], TextDataset]:
+def federated_data(cfg: DataConfig, num_sites: int,
+                   min_val_records: int = 1) -> tuple[list[SiteData], TextDataset]:
     """Every site's (train, val) and the held-out test set, for a simulation.
 
     Deterministic under `cfg.seed`; cached per process because Ray actors serve many
@@ -231,6 +245,7 @@ def federated_data(cfg: DataConfig, num_sites: int) -> tuple[list[SiteData], Tex
         else:
             parts = [read_records(p, cfg.text_column, cfg.label_column, cfg.labels)
                      for p in cfg.site_files]
-        sites = [site_split(part, cfg.val_fraction, cfg.seed + i) for i, part in enumerate(parts)]
+        sites = [site_split(part, cfg.val_fraction, cfg.seed + i, min_val_records)
+                 for i, part in enumerate(parts)]
         return sites, test
-    return process_cached(("federated", cfg, num_sites), make)
+    return process_cached(("federated", cfg, num_sites, min_val_records), make)

@@ -64,3 +64,26 @@ def weighted_mean(pairs) -> dict[str, float]:
                 sums[key] = sums.get(key, 0.0) + n * float(value)
                 weights[key] = weights.get(key, 0.0) + n
     return {k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0}
+
+
+def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts: row = true class, column = predicted class."""
+    index = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(pred, dtype=np.int64)
+    return np.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def confusion_metrics(matrix: np.ndarray) -> dict[str, float]:
+    """accuracy, macro recall and macro F1 over all classes from a confusion matrix,
+    exact or noisy (noisy cells below 0 count as 0), as classification_metrics computes
+    them (a class with no records or no predictions scores 0). {} if it holds nothing."""
+    m = np.clip(np.asarray(matrix, dtype=np.float64), 0.0, None)
+    total = m.sum()
+    if total <= 0:
+        return {}
+    tp, support, predicted = np.diag(m), m.sum(axis=1), m.sum(axis=0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    denom = recall + precision
+    f1 = np.divide(2 * recall * precision, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"accuracy": float(tp.sum() / total), "macro_recall": float(recall.mean()),
+            "macro_f1": float(f1.mean())}

@@ -159,7 +159,11 @@ class SiteAwareStrategy(Strategy):
             row[Keys.SITE] = str(row.get(Keys.SITE, proxy.cid))
             rows.append(row)
         self.record("evaluate", server_round, rows)
-        return self.inner.aggregate_evaluate(server_round, results, failures)
+        # a site that keeps its evaluation to itself sends a weight of 0
+        weighted = [(proxy, res) for proxy, res in results if res.num_examples > 0]
+        if not weighted:
+            return None, {}
+        return self.inner.aggregate_evaluate(server_round, weighted, failures)
 
 
 class PhaseClock:

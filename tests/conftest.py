@@ -76,6 +76,7 @@ def tiny_config(model_dir: Path, files: dict, **sections):
                       "chunk_size": 8, "threads": 1, "head_rounds": 0,  # LoRA rounds
                       "head_steps": 4, "head_batch_size": 32},
             "federation": {"num_rounds": 2, "min_sites": 2},
+            "site": {"min_val_records": 5},  # the tiny files' sites hold 6-12 val records
             "simulation": {"num_sites": 2, "cpus_per_site": 1}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

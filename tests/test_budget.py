@@ -45,7 +45,8 @@ def test_second_run_on_the_same_data_starts_from_what_was_spent(tiny_model, site
     assert spent_after_first <= 2.0 + 1e-9
     assert second[0]["metrics"]["epsilon"] > spent_after_first
     history = SiteTrainer(cfg, site).guard().history()
-    assert len(history) == 4  # both runs' releases, composed together
+    assert len(history) == 5  # the noisy size once, then both runs' releases, composed
+    assert history[0] == (cfg.privacy.count_noise, 1.0, 1)
     assert second[-1]["metrics"]["epsilon"] == pytest.approx(
         accounting.epsilon(history, 1e-5), rel=1e-9)
 
@@ -56,12 +57,13 @@ def test_a_site_whose_budget_is_spent_refuses_and_sends_nothing(tiny_model, site
     spent = _run(cfg, site, "run-1", 2)[-1]["metrics"]["epsilon"]
     refused = SiteTrainer(cfg, site).fit(1, 2, "run-2")
     assert refused["arrays"] == [] and refused["num_examples"] == 0
-    assert "refuses round 1" in refused["metrics"]["refused"]
-    assert "above the site's max_noise_multiplier 5" in refused["metrics"]["refused"]
+    assert refused["metrics"]["refused"] == "budget"  # a code; the sentence is the ledger's
     assert refused["metrics"]["epsilon"] == pytest.approx(spent)
     entries = read_entries(tmp_path / "state" / "ledger.jsonl")
-    assert [e["kind"] for e in entries] == ["train", "train", "refusal"]
+    assert [e["kind"] for e in entries] == ["size", "train", "train", "refusal"]
     assert entries[-1]["update_sha256"] is None and entries[-1]["epsilon"] == pytest.approx(spent)
+    assert "refuses round 1" in entries[-1]["reason"]
+    assert "above the site's max_noise_multiplier 5" in entries[-1]["reason"]
     assert verify_path(tmp_path / "state" / "ledger.jsonl").ok
 
 
@@ -71,8 +73,9 @@ def test_the_server_asking_for_more_rounds_than_planned_is_refused(tiny_model, s
     site = _site(site_files, tmp_path / "state", budget=4.0)
     _run(cfg, site, "run-1", 2)
     third = SiteTrainer(cfg, site).fit(3, 3, "run-1")
-    assert third["arrays"] == []
-    assert "above the site's budget of 4" in third["metrics"]["refused"]
+    assert third["arrays"] == [] and third["metrics"]["refused"] == "budget"
+    last = read_entries(tmp_path / "state" / "ledger.jsonl")[-1]
+    assert last["kind"] == "refusal" and "above the site's budget of 4" in last["reason"]
 
 
 def test_ledger_entries_are_signed_and_verify(tiny_model, site_files, tmp_path):
@@ -80,9 +83,13 @@ def test_ledger_entries_are_signed_and_verify(tiny_model, site_files, tmp_path):
     site = _site(site_files, tmp_path / "state", budget=8.0)
     results = _run(cfg, site, "run-1", 2)
     entries = read_entries(tmp_path / "state" / "ledger.jsonl")
-    assert [e["round"] for e in entries] == [1, 2]
-    assert entries[1]["epsilon"] == pytest.approx(results[1]["metrics"]["epsilon"])
-    assert entries[0]["mechanism"]["sampling"] == "poisson"
+    assert [(e["kind"], e["round"]) for e in entries] == [("size", 1), ("train", 1),
+                                                          ("train", 2)]
+    assert entries[2]["epsilon"] == pytest.approx(results[1]["metrics"]["epsilon"])
+    assert entries[1]["mechanism"]["sampling"] == "poisson"
+    assert entries[0]["mechanism"]["sampling"] == "none"
+    # the FedAvg weight is the noisy size the ledger records, not the exact count
+    assert results[0]["num_examples"] == max(1, round(entries[0]["released_value"]))
     assert oct((tmp_path / "state" / "site_key.pem").stat().st_mode & 0o777) == "0o600"
     report = verify_path(tmp_path / "state" / "ledger.jsonl")
     assert report.ok, report.problems

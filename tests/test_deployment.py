@@ -308,10 +308,17 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             assert own.ok and own.sites[0].keys_pinned, [p.message for p in own.problems]
             entries = [json.loads(line) for line in
                        (state / "ledger.jsonl").read_text().splitlines()]
-            # two releases, masked by SecAgg+, under the node config's budget and δ
+            # the noisy size (in the clear), then two updates masked by SecAgg+, under
+            # the node config's budget and δ; no evaluation (off by default at a hospital)
             assert [(e["kind"], e["round"], e["secure_aggregation"], e["epsilon_budget"],
-                     e["delta"]) for e in entries] == [("train", 1, True, budget, 1e-5),
+                     e["delta"]) for e in entries] == [("size", 1, False, budget, 1e-5),
+                                                       ("train", 1, True, budget, 1e-5),
                                                        ("train", 2, True, budget, 1e-5)]
+            # the hospital's own SuperNode log says what it released, line by line
+            released = [line for line in procs.log(site).read_text(errors="replace")
+                        .splitlines() if f"fedcare site {site}: release " in line]
+            assert all("ε spent" in line for line in released)
+            assert {line.rsplit("ledger seq ", 1)[1][0] for line in released} == {"0", "1", "2"}
             assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == \
                 (state / "ledger.jsonl").read_text()
         report = verify_path(run_dir)

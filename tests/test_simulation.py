@@ -18,10 +18,32 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     from peft import PeftModel
     from common.model import build_base
 
+    from client.releases import RELEASES, undeclared
+
+    folder = tmp_path / "replies"
+    folder.mkdir()
+
+    def keep(msg, context, call_next):  # sees each reply as it leaves the site (in a Ray
+        reply = call_next(msg, context)  # actor: written to a file, not kept in memory)
+        seen = {name: sorted(record) for records in (
+            reply.content.metric_records, reply.content.config_records)
+            for name, record in records.items()} | {"undeclared": undeclared(reply.content)}
+        (folder / f"{msg.object_id}.json").write_text(json.dumps(seen))
+        return reply
+
     # round 1 trains the head on cached features, round 2 LoRA + head
     cfg = tiny_config(tiny_model, site_files, site={"budgets": [8.0, 6.0]},
                       train={"head_rounds": 1})
-    run = simulate(cfg, tmp_path / "run")
+    run = simulate(cfg, tmp_path / "run", client_mods=[keep])
+    # every record every site sent is declared, and the exact loss, time and size are not
+    replies = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    assert len(replies) == 8 and all(r.pop("undeclared") == [] for r in replies)
+    assert {name for r in replies for name in r} == {
+        f"{kind}.{part}" for kind in ("fitres", "evaluateres")
+        for part in ("metrics", "num_examples", "status")} | {"evaluateres.loss"}
+    sent = {key for r in replies for key in r.get("fitres.metrics", [])}
+    assert sent <= set(RELEASES["fitres.metrics"])
+    assert not sent & {"train_loss", "train_seconds", "num_train", "examples"}
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["private"] is True and summary["sites"] == ["site0", "site1"]
@@ -38,6 +60,10 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["phase"] == "train"]
+    # what the server recorded is what the sites declared, plus its own bookkeeping
+    server_side = {"round", "phase", "wall_seconds", "private", "status", "num_examples",
+                   "epsilon_budget", "epsilon_left", "epsilon_before_run"}  # from the ledger
+    assert {k for r in train for k in r} - server_side <= set(RELEASES["fitres.metrics"])
     assert {(r["round"], r["site"]) for r in train} == {(1, "site0"), (1, "site1"),
                                                         (2, "site0"), (2, "site1")}
     for site in ("site0", "site1"):
@@ -90,9 +116,11 @@ def test_personalised_sites_report_both_models_and_pay_from_the_same_budget(
         adapter = tmp_path / "run" / "site_state" / site / "personalized"
         assert (next(adapter.iterdir()) / "adapter_model.safetensors").is_file()
         entries = read_entries(run / "ledgers" / f"{site}.jsonl")
-        assert [e["kind"] for e in entries] == ["train", "train", "personalize"]
-        assert entries[-1]["steps"] == 3
-        # σ was planned for 2 rounds + personalisation, so all of it fits the target
+        assert [e["kind"] for e in entries] == ["size", "train", "evaluate", "train",
+                                                "evaluate", "personalize", "evaluate"]
+        assert entries[-2]["steps"] == 3
+        # σ was planned for 2 rounds + personalisation and the three evaluations, so
+        # all of it fits the target
         assert entries[-1]["epsilon"] <= cfg.privacy.target_epsilon + 1e-9
         assert summary["epsilon_per_site"][site] == entries[-1]["epsilon"]
     assert verify_path(run).ok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 
 from client.budget import Policy
 from client.site import Site, SiteTrainer
-from client.training import PrivateStep, private_batch, train_private
+from client.training import PrivateStep, noise_step, private_batch, train_private
 from common.config import LoraConfig
 from common.data import read_records, site_split
 from common.evaluation import collate, encode
@@ -54,6 +56,97 @@ def test_a_dp_step_changes_lora_and_head_and_nothing_else(setup):
                    for p in model.parameters())
     GradSampleModule(model)._close()
 
+
+
+def _private_round(model, data, sigma, q, steps, seed):
+    accountant = accounting.make_accountant([])
+    stats = train_private(model, data, PrivateStep(sigma, q, steps, 1.0), 0.05, 8, DEVICE,
+                          accountant, torch.Generator().manual_seed(seed))
+    return stats, accountant
+
+
+def _moved(before, model):
+    """Largest change of any parameter, by name."""
+    return {n: (p.detach() - before[n]).abs().max().item()
+            for n, p in model.named_parameters()}
+
+
+def test_an_empty_batch_is_a_noise_only_step_accounted_once(setup):
+    """As in Opacus, an empty Poisson batch still adds noise and steps: an update that
+    did not move would tell that the batch was empty."""
+    model, data = setup
+    start = copy.deepcopy(model)
+    moved = {}
+    for sigma in (1.0, 1e-12):
+        model = copy.deepcopy(start)
+        before = _params(model)
+        stats, accountant = _private_round(model, data, sigma, 1e-6, 3, seed=1)
+        assert (stats.empty_batches, stats.examples, stats.steps) == (3, 0, 3)
+        assert accountant.history == [(sigma, 1e-6, 3)]  # the hook's, once per step
+        moved[sigma] = _moved(before, model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {n for n, d in moved[sigma].items() if d > 0} == trainable
+    # the change is the noise: Adam turns noise far above its eps (1e-8) into steps of
+    # about lr, and noise far below it into almost nothing
+    assert max(moved[1e-12].values()) < 1e-2 * max(moved[1.0].values())
+
+
+def test_a_noise_only_step_adds_sigma_c_noise_over_the_expected_batch(setup):
+    model, _ = setup
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    sigma, clip, expected = 2.0, 0.5, 4
+    GradSampleModule(model)  # noise_step needs no hooks; wrapped as in train_private
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma,
+                            max_grad_norm=clip, expected_batch_size=expected,
+                            loss_reduction="mean", generator=torch.Generator().manual_seed(7))
+    accountant = accounting.make_accountant([])
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.1))
+    noise_step(optimizer)
+    again = torch.Generator().manual_seed(7)
+    for p, b in zip(params, before):
+        noise = torch.normal(0, sigma * clip, p.shape, generator=again)
+        torch.testing.assert_close(b - p.detach(), noise / expected)
+    assert accountant.history == [(sigma, 0.1, 1)]
+
+
+def test_empty_and_full_batches_together_are_accounted_once_per_step(setup):
+    model, data = setup
+    stats, accountant = _private_round(model, data, 1.0, 1 / len(data), 12, seed=3)
+    assert 0 < stats.empty_batches < 12 and stats.examples > 0  # both kinds ran
+    assert accountant.history == [(1.0, 1 / len(data), 12)]
+
+
+def test_the_noise_is_derived_from_the_callers_seed_alone(setup):
+    """Same seed, same round (whatever torch's global RNG holds); another seed, other
+    noise. Every batch is empty, so only the noise can differ."""
+    model, data = setup
+    results = []
+    for seed, global_seed in ((5, 0), (5, 1), (6, 0)):
+        trained = copy.deepcopy(model)
+        torch.manual_seed(global_seed)
+        _private_round(trained, data, 1.0, 1e-6, 2, seed=seed)
+        results.append(_params(trained))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(torch.equal(results[0][n], results[1][n]) for n in names)
+    assert not any(torch.equal(results[0][n], results[2][n]) for n in names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_private_training_runs_on_cuda(setup):
+    """The noise generator lives on the model's device; sampling stays on the CPU."""
+    model, data = setup
+    cuda = torch.device("cuda")
+    model.to(cuda)
+    before = _params(model)
+    accountant = accounting.make_accountant([])
+    step = PrivateStep(noise_multiplier=1.0, sample_rate=0.2, steps=2, max_grad_norm=1.0)
+    stats = train_private(model, data, step, 0.05, 8, cuda, accountant,
+                          torch.Generator().manual_seed(1))
+    changed = {n for n, d in _moved(before, model).items() if d > 0}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert accountant.history == [(1.0, 0.2, 2)] and np.isfinite(stats.loss)
+    assert all(p.device.type == "cuda" for p in model.parameters())
 
 def test_per_sample_gradients_match_one_example_at_a_time(setup):
     model, data = setup
@@ -104,17 +197,20 @@ def test_chunked_step_equals_clipped_sum_over_expected_batch(setup):
 def test_epsilon_accumulates_across_rounds_like_one_accountant(tiny_model, site_files, tmp_path):
     cfg = tiny_config(tiny_model, site_files)
     ds = read_records(site_files["sites"][0], "note", "diagnosis", LABELS)
-    site = Site("site0", site_split(ds, 0.1, 0), LABELS, Policy(8.0, 1e-5), tmp_path / "s0")
+    site = Site("site0", site_split(ds, 0.1, 0), LABELS,
+                Policy(8.0, 1e-5, release_evaluation=False), tmp_path / "s0")
     eps = []
     for round_no in (1, 2):
         trainer = SiteTrainer(cfg, site)  # a new trainer each round, as in Flower
         eps.append(trainer.fit(round_no, 2, "run-a")["metrics"]["epsilon"])
-    history = SiteTrainer(cfg, site).guard().history()
+    size, *history = SiteTrainer(cfg, site).guard().history()
+    assert size == (cfg.privacy.count_noise, 1.0, 1)  # the noisy size, released once
     sigma, q = history[0][0], history[0][1]
     assert {(s, r) for s, r, _ in history} == {(sigma, q)}  # σ planned once for the run
     assert sum(n for _, _, n in history) == 2 * cfg.train.local_steps
     assert eps[1] > eps[0] > 0
     single = accounting.make_accountant([])
+    single.step(noise_multiplier=size[0], sample_rate=1.0)
     for _ in range(2 * cfg.train.local_steps):
         single.step(noise_multiplier=sigma, sample_rate=q)
     assert eps[1] == pytest.approx(single.get_epsilon(cfg.privacy.delta), rel=1e-9)
@@ -139,26 +235,33 @@ def test_a_head_round_trains_the_head_on_cached_features_and_leaves_lora_alone(
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("classifier" in n for n in changed)
     assert len(list((tmp_path / "s0" / "features").glob("*.safetensors"))) == 1  # train
-    trainer.evaluate()
+    trainer.evaluate(1, 2, "run-h")
     assert len(list((tmp_path / "s0" / "features").glob("*.safetensors"))) == 2  # + val
     # the cached features are the classifier's own pooled outputs
     from common.evaluation import pooled_features
     from common.model import classifier_of
     fresh = pooled_features(classifier_of(trainer.model), trainer.train_data, DEVICE)
     torch.testing.assert_close(trainer.features(trainer.train_data).x, fresh.x)
-    # the ledger holds the head round at its own sampling rate, planned with the LoRA round
-    history = trainer.guard().history()
-    n = len(trainer.train_data)
-    assert history == [(history[0][0], 32 / n, 3)]
-    assert trainer.schedule(1, 2) == [(32 / n, 3), (cfg.train.batch_size / n,
-                                                    cfg.train.local_steps)]
+    # the ledger holds the head round at its own sampling rate, planned with the LoRA
+    # round, both over the noisy size the site released once (never the exact count)
+    guard = trainer.guard()
+    kinds = [e["kind"] for e in guard.ledger.entries()]
+    assert kinds == ["size", "train", "evaluate"]
+    n = max(1, round(guard.ledger.entries()[0]["released_value"]))
+    sigma_c = cfg.privacy.count_noise
+    history = guard.history()
+    assert history == [(sigma_c, 1.0, 1), (history[1][0], 32 / n, 3), (sigma_c, 1.0, 1)]
+    assert trainer.schedule(1, 2, n) == [(32 / n, 3), (cfg.train.batch_size / n,
+                                                       cfg.train.local_steps)]
     trainer.fit(2, 2, "run-h")
     history = trainer.guard().history()
-    assert [(q, s) for _, q, s in history] == [(32 / n, 3),
+    assert [(q, s) for _, q, s in history] == [(1.0, 1), (32 / n, 3), (1.0, 1),
                                                (cfg.train.batch_size / n, cfg.train.local_steps)]
-    assert history[0][0] == history[1][0]  # one σ for the whole run
+    assert history[1][0] == history[3][0]  # one σ for the whole run
     eps = accounting.epsilon(history, cfg.privacy.delta)
-    assert 0.9 * cfg.privacy.target_epsilon < eps <= cfg.privacy.target_epsilon + 1e-6
+    # the target covers the run's training and its planned evaluations (one is still to
+    # come); the size, released once per data version, is spent from the budget
+    assert 0.8 * cfg.privacy.target_epsilon < eps <= cfg.site.epsilon_budget + 1e-6
 
 
 def test_head_dp_step_clips_per_example_gradients_of_the_head(setup):

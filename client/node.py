@@ -1,0 +1,78 @@
+"""Which site this node is: its data, its policy and where its state lives.
+
+A hospital's node config (typed as common.config.NodeConfig) names its data file and
+holds everything that defines its data and its exposure: columns, dataset identity,
+validation split, budget, δ, per-run cap, count noise, secure-aggregation requirement,
+whether it releases evaluation metrics. The run config, which the server sends, only
+chooses what the run asks for; the site enforces its own limits. A simulated node has
+only a `partition-id`: its share of the federated data, its policy from the run config
+(in a simulation the researcher is every site).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+
+from client.budget import Policy
+from common.config import Config, NodeConfig, from_node_config
+from common.data import (DataError, SiteData, federated_data, process_cached, read_records,
+                         site_split)
+from common.names import check_name
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    data: SiteData
+    label_names: tuple[str, ...]
+    policy: Policy      # the site's own limits: nothing the server sends can raise them
+    state_dir: Path | None  # the site's keys and ledger; None: under the run's directory
+    private: bool = True  # a deployed site trains without DP only if its node config says so
+
+
+def site_from_context(cfg: Config, context: Context) -> Site:
+    node = from_node_config(context.node_config)
+    if node.data_file:
+        return _deployed_site(cfg, node)
+    sites, test = federated_data(cfg.data, node.num_partitions, cfg.site.min_val_records)
+    name = check_name("site name", node.site or f"site{node.partition_id}")
+    s = cfg.site
+    policy = Policy(node.epsilon_budget or s.budget_of(node.partition_id),
+                    node.delta or cfg.privacy.delta, s.min_noise_multiplier,
+                    s.max_noise_multiplier, count_noise=cfg.privacy.count_noise)
+    state = (Path(node.state_dir) if node.state_dir
+             else Path(s.state_dir) / name if s.state_dir else None)
+    return Site(name, sites[node.partition_id], test.label_names, policy, state,
+                cfg.privacy.enabled)
+
+
+def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
+    name = check_name("site name", node.site)
+    check_name("dataset", node.dataset)
+    labels = cfg.data.labels
+    if not labels:
+        raise DataError("data.labels must list the label names in the run config when "
+                        "hospitals bring their own files")
+    if node.labels and set(node.labels) != set(labels):
+        raise DataError("the run's labels are not the site's label set (node config "
+                        "'labels'); the site maps labels by name and will not guess")
+    records = process_cached(
+        ("records", node.data_file, node.text_column, node.label_column, labels),
+        lambda: read_records(node.data_file, node.text_column, node.label_column, labels))
+    policy = Policy(node.epsilon_budget, node.delta, node.min_noise_multiplier,
+                    node.max_noise_multiplier, node.dataset, node.run_epsilon_cap,
+                    node.count_noise, node.require_secure_aggregation,
+                    node.release_evaluation)
+    data = site_split(records, node.val_fraction, node.split_seed, node.min_val_records)
+    return Site(name, data, labels, policy, Path(node.state_dir), node.private)
+
+
+def simulated_state_dir(cfg: Config, run_id: str, site: str) -> Path:
+    """Where a simulated site without `site.state_dir` keeps its keys, ledger and
+    cached features: in the run's directory, as `fedcare simulate` does, so every run
+    (through either door) starts with fresh simulated sites."""
+    return (Path(cfg.simulation.output_dir).resolve() / check_name("run id", run_id)
+            / "site_state" / check_name("site name", site))

@@ -1,0 +1,112 @@
+"""Everything a site may send, declared once, and the mods that hold it to that.
+
+Every record of a reply is a release. Each key below names its mechanism:
+
+- DP_SGD: the adapter update, the output of DP-SGD (clipped into the aggregation range
+  afterwards, which is post-processing and free);
+- DP_COUNT: a Gaussian-noised count (training-set size, validation confusion matrix)
+  or a value computed from one; charged to the same accountant and ledger;
+- LEDGER: a function of the site's ledger, i.e. of earlier DP outputs and the site's
+  own settings (σ, q, steps, ε, the signed entries themselves);
+- PUBLIC: data-independent (names, flags, keys, byte counts fixed by the shapes).
+
+A site whose node config sets `private = false` sends the same keys with exact values.
+`release_filter` refuses a reply that carries anything undeclared; `contain_errors`
+turns a failure into a code and a reference, keeping the details (file, line, values)
+in the site's own log. docs/threat_model.md shows the same table for readers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import traceback
+from logging import ERROR
+
+from flwr.common.logger import log
+
+from common.keys import Keys
+
+DP_SGD, DP_COUNT, LEDGER, PUBLIC = "DP-SGD", "DP count", "ledger", "public"
+
+STATUS = {"code": PUBLIC, "message": PUBLIC}  # Flower's reply status: "Success"
+LEDGER_KEYS = {Keys.EPSILON: LEDGER, Keys.LEDGER: LEDGER, Keys.LEDGER_HEAD: LEDGER,
+               Keys.SITE_PUBLIC_KEY: PUBLIC, Keys.SITE: PUBLIC}
+
+RELEASES: dict[str, dict[str, str]] = {
+    "fitres.parameters": {"*": DP_SGD},
+    "fitres.num_examples": {"num_examples": DP_COUNT},   # FedAvg weight: the noisy size
+    "fitres.status": STATUS,
+    "fitres.metrics": {
+        **LEDGER_KEYS, Keys.PRIVATE: PUBLIC, Keys.SECURE_AGGREGATION: PUBLIC,
+        Keys.REFUSED: LEDGER,  # a code: budget, δ, plain round, non-finite update
+        Keys.DELTA: PUBLIC, Keys.NOISE_MULTIPLIER: LEDGER, Keys.SAMPLE_RATE: LEDGER,
+        Keys.STEPS: PUBLIC, Keys.MAX_GRAD_NORM: PUBLIC, Keys.BYTES_SENT: PUBLIC},
+    "evaluateres.loss": {"loss": PUBLIC},                 # always NaN: no loss is sent
+    "evaluateres.num_examples": {"num_examples": DP_COUNT},  # the noisy matrix's total
+    "evaluateres.status": STATUS,
+    "evaluateres.metrics": {
+        **LEDGER_KEYS, Keys.EVALUATED: PUBLIC, Keys.REFUSED: LEDGER,
+        **{name: DP_COUNT for name in ("accuracy", "macro_recall", "macro_f1")},
+        **{f"personalized_{name}": DP_COUNT
+           for name in ("accuracy", "macro_recall", "macro_f1")},
+        Keys.PERSONALIZED_ADAPTER: PUBLIC, Keys.PERSONALIZED_REFUSED: LEDGER},
+}
+
+
+class UndeclaredRelease(RuntimeError):
+    """A reply holds a record or key that RELEASES does not declare: it is not sent."""
+
+
+def undeclared(content) -> list[str]:
+    """'record' or 'record.key' for everything in a reply's RecordDict not declared."""
+    out = []
+    for records in (content.array_records, content.metric_records, content.config_records):
+        for name, record in records.items():
+            keys = RELEASES.get(name)
+            if keys is None:
+                out.append(name)
+            elif "*" not in keys:
+                out += [f"{name}.{key}" for key in record if key not in keys]
+    return out
+
+
+def release_filter(msg, context, call_next):
+    """A Flower mod in front of the site: a reply leaves only if every record and key
+    in it is declared in RELEASES (the site's code is checked, not trusted)."""
+    reply = call_next(msg, context)
+    if reply.has_content():
+        extra = undeclared(reply.content)
+        if extra:
+            raise UndeclaredRelease(f"the reply holds undeclared releases: {extra}")
+    return reply
+
+
+CODES = {  # exception class name -> code sent to the server
+    "DataError": "data", "ConfigError": "site-config", "BudgetError": "budget",
+    "UndeclaredRelease": "undeclared-release", "LedgerIntegrityError": "ledger",
+    "LedgerError": "ledger", "FileNotFoundError": "missing-file",
+}
+
+
+class SiteFailure(RuntimeError):
+    """What the server learns of a failure at a site: a code and a reference."""
+
+
+def error_code(err: BaseException) -> str:
+    for cls in type(err).__mro__:
+        if cls.__name__ in CODES:
+            return CODES[cls.__name__]
+    return "site-error"
+
+
+def contain_errors(msg, context, call_next):
+    """The outermost mod: an exception's text can hold record values (a file line, a
+    label), so only its code and a reference leave; the site's log keeps the rest."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - every failure is contained the same way
+        ref, code = secrets.token_hex(4), error_code(err)
+        log(ERROR, "fedcare site error %s (%s): %s\n%s", ref, code, err,
+            "".join(traceback.format_exception(err)))
+        raise SiteFailure(f"site failure '{code}'; the site's own log holds the details "
+                          f"under reference {ref}") from None
