@@ -11,7 +11,7 @@ from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.releases import contain_errors, release_filter
+from client.releases import ContainErrors, release_filter
 from common.config import Config, from_run_config
 from common.keys import Keys
 
@@ -45,8 +45,12 @@ def build_app(cfg: Config | None = None, mods=()) -> ClientApp:
         site = site_from_context(config, context)
         return SiteClient(SiteTrainer(config, site)).to_client()
 
-    return ClientApp(client_fn=client_fn,
-                     mods=[contain_errors, secure_aggregation_mod, release_filter, *mods])
+    def log_file(context: Context):
+        from client.node import log_file as site_log_file
+        return site_log_file(cfg, context)
+
+    return ClientApp(client_fn=client_fn, mods=[ContainErrors(log_file), secure_aggregation_mod,
+                                                release_filter, *mods])
 
 
 app = build_app()

@@ -37,7 +37,7 @@ LEDGER_FILE = "ledger.jsonl"
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}
 COUNT_MECHANISM = {"name": "Gaussian", "noise": "gaussian", "sampling": "none",
-                   "sensitivity": 1}  # a count, or a confusion matrix: one record moves one cell by 1
+                   "sensitivity": 1}  # of the statistic scaled to L2 sensitivity 1
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Policy:
     max_noise_multiplier: float = 20.0
     dataset: str = "main"            # the budget's identity
     run_epsilon_cap: float = 0.0     # most one run may spend; 0 = the run's target
-    count_noise: float = 10.0        # least σ on any released count
+    count_noise: float = 5.0         # least noise multiplier on any released count
     require_secure_aggregation: bool = False
     release_evaluation: bool = True  # a deployed site's node config turns it on
 
@@ -181,11 +181,14 @@ class SiteGuard:
         return max(float(requested), self.policy.count_noise)
 
     def release_count(self, kind: str, run_id: str, round_no: int, values: np.ndarray,
-                      sigma: float, keep: bool = False) -> np.ndarray:
-        """`values` (counts of records; one record changes one of them by at most 1)
-        plus Gaussian noise of std `sigma`, charged to the budget and written to the
-        ledger before it is returned (`keep`: the noisy values too, to be reused instead
-        of released again); BudgetError (nothing written) if it does not fit."""
+                      sigma: float, keep: bool = False, sensitivity: float = 1.0,
+                      statistic: str = "a count of records") -> np.ndarray:
+        """`values` (counts of records whose L2 sensitivity to adding or removing one
+        record is `sensitivity`) plus Gaussian noise of std `sigma`·`sensitivity`: the
+        Gaussian mechanism with noise multiplier `sigma` on the statistic scaled to
+        sensitivity 1. Charged to the budget and written to the ledger before it is
+        returned (`keep`: the noisy value too, to be reused instead of released again);
+        BudgetError (nothing written) if it does not fit."""
         after = self._after((sigma, 1.0, 1))
         if after > self.policy.epsilon_budget:
             raise accounting.BudgetError(
@@ -193,11 +196,13 @@ class SiteGuard:
                 f"of {self.policy.epsilon_budget:g}")
         rng = random.SystemRandom()  # the operating system's CSPRNG
         values = np.asarray(values, dtype=np.float64)
-        noisy = values + np.reshape([rng.gauss(0.0, sigma) for _ in range(values.size)],
-                                    values.shape)
+        noisy = values + np.reshape([rng.gauss(0.0, sigma * sensitivity)
+                                     for _ in range(values.size)], values.shape)
         extra = {"released_value": float(noisy.flat[0])} if keep else {}
+        mechanism = {**COUNT_MECHANISM, "statistic": statistic,
+                     "scaled_by": 1 / sensitivity}  # the statistic at sensitivity 1
         self._append(self._entry(
-            kind, run_id, round_no, False, mechanism=COUNT_MECHANISM, noise_multiplier=sigma,
+            kind, run_id, round_no, False, mechanism=mechanism, noise_multiplier=sigma,
             sample_rate=1.0, steps=1, max_grad_norm=1.0, epsilon=after, update_sha256=None,
             **extra))
         return noisy

@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from client.budget import Policy
-from common.config import Config, NodeConfig, from_node_config
+from common.config import Config, NodeConfig, from_node_config, from_run_config
 from common.data import (DataError, SiteData, federated_data, process_cached, read_records,
                          site_split)
 from common.names import check_name
@@ -76,3 +76,23 @@ def simulated_state_dir(cfg: Config, run_id: str, site: str) -> Path:
     (through either door) starts with fresh simulated sites."""
     return (Path(cfg.simulation.output_dir).resolve() / check_name("run id", run_id)
             / "site_state" / check_name("site name", site))
+
+
+LOG_FILE = "site.log"
+
+
+def log_file(cfg: Config | None, context: Context) -> Path | None:
+    """The site's own log file (in its state folder, never sent), where it can be told
+    before the site itself is built: a hospital's `state-dir`, or a simulated site's
+    folder under `site.state_dir`. None when neither is known."""
+    node = dict(context.node_config)
+    if "state-dir" in node:
+        return Path(str(node["state-dir"])) / LOG_FILE
+    try:
+        cfg = cfg or from_run_config(context.run_config)
+    except ValueError:
+        return None
+    if cfg.site.state_dir and "partition-id" in node:
+        name = str(node.get("site", f"site{node['partition-id']}"))
+        return Path(cfg.site.state_dir) / name / LOG_FILE
+    return None

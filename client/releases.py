@@ -4,14 +4,14 @@ Every record of a reply is a release. Each key below names its mechanism:
 
 - DP_SGD: the adapter update, the output of DP-SGD (clipped into the aggregation range
   afterwards, which is post-processing and free);
-- DP_COUNT: a Gaussian-noised count (training-set size, validation confusion matrix)
+- DP_COUNT: a Gaussian-noised count (training-set size, per-class validation counts)
   or a value computed from one; charged to the same accountant and ledger;
 - LEDGER: a function of the site's ledger, i.e. of earlier DP outputs and the site's
   own settings (σ, q, steps, ε, the signed entries themselves);
 - PUBLIC: data-independent (names, flags, keys, byte counts fixed by the shapes).
 
 A site whose node config sets `private = false` sends the same keys with exact values.
-`release_filter` refuses a reply that carries anything undeclared; `contain_errors`
+`release_filter` refuses a reply that carries anything undeclared; `ContainErrors`
 turns a failure into a code and a reference, keeping the details (file, line, values)
 in the site's own log. docs/threat_model.md shows the same table for readers.
 """
@@ -42,7 +42,7 @@ RELEASES: dict[str, dict[str, str]] = {
         Keys.DELTA: PUBLIC, Keys.NOISE_MULTIPLIER: LEDGER, Keys.SAMPLE_RATE: LEDGER,
         Keys.STEPS: PUBLIC, Keys.MAX_GRAD_NORM: PUBLIC, Keys.BYTES_SENT: PUBLIC},
     "evaluateres.loss": {"loss": PUBLIC},                 # always NaN: no loss is sent
-    "evaluateres.num_examples": {"num_examples": DP_COUNT},  # the noisy matrix's total
+    "evaluateres.num_examples": {"num_examples": DP_COUNT},  # the noisy number of records
     "evaluateres.status": STATUS,
     "evaluateres.metrics": {
         **LEDGER_KEYS, Keys.EVALUATED: PUBLIC, Keys.REFUSED: LEDGER,
@@ -99,14 +99,33 @@ def error_code(err: BaseException) -> str:
     return "site-error"
 
 
-def contain_errors(msg, context, call_next):
+class ContainErrors:
     """The outermost mod: an exception's text can hold record values (a file line, a
-    label), so only its code and a reference leave; the site's log keeps the rest."""
+    label), so only its code and a reference leave; the site's log (the SuperNode's
+    output, and `where(context)`, a file in the site's state folder) keeps the rest."""
+
+    def __init__(self, where=lambda context: None) -> None:
+        self.where = where
+
+    def __call__(self, msg, context, call_next):
+        try:
+            return call_next(msg, context)
+        except Exception as err:  # noqa: BLE001 - every failure is contained the same way
+            ref, code = secrets.token_hex(4), error_code(err)
+            detail = "".join(traceback.format_exception(err))
+            log(ERROR, "fedcare site error %s (%s): %s\n%s", ref, code, err, detail)
+            _append(self.where(context), f"error {ref} ({code}): {err}\n{detail}")
+            raise SiteFailure(f"site failure '{code}'; the site's own log (site.log in its "
+                              f"state folder) holds the details under reference "
+                              f"{ref}") from None
+
+
+def _append(path, text: str) -> None:
+    if path is None:
+        return
     try:
-        return call_next(msg, context)
-    except Exception as err:  # noqa: BLE001 - every failure is contained the same way
-        ref, code = secrets.token_hex(4), error_code(err)
-        log(ERROR, "fedcare site error %s (%s): %s\n%s", ref, code, err,
-            "".join(traceback.format_exception(err)))
-        raise SiteFailure(f"site failure '{code}'; the site's own log holds the details "
-                          f"under reference {ref}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text.rstrip("\n") + "\n")
+    except OSError:
+        pass  # the SuperNode's output still has it

@@ -15,6 +15,7 @@ import hashlib
 import math
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from logging import INFO
 from pathlib import Path
 from typing import Literal
@@ -25,13 +26,13 @@ from flwr.client import NumPyClient
 from flwr.common.logger import log
 
 from client.budget import SiteGuard
-from client.node import Site, simulated_state_dir, site_from_context
+from client.node import LOG_FILE, Site, simulated_state_dir, site_from_context
 from client.training import PrivateStep, train_plain, train_private
 from common.config import Config
 from common.data import process_cached
 from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
 from common.keys import Keys
-from common.metrics import confusion_matrix, confusion_metrics
+from common.metrics import class_counts, count_metrics
 from common.model import (build_model, classifier_of, encoder_arrays, get_adapter_arrays,
                           load_tokenizer, pick_device, save_adapter, set_adapter_arrays,
                           trainable_head)
@@ -80,8 +81,14 @@ class SiteTrainer:
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
 
     def say(self, line: str) -> None:
-        """One line of the site's own log (the SuperNode's output); never sent."""
+        """One line of the site's own log (the SuperNode's output, and site.log in its
+        state folder); never sent."""
         log(INFO, "fedcare site %s: %s", self.site.name, line)
+        if self.site.state_dir is not None:
+            self.site.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.site.state_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+                             f"{line}\n")
 
     def guard(self) -> SiteGuard:
         return SiteGuard(self.site.name, self.site.state_dir, self.site.data.fingerprint,
@@ -227,7 +234,7 @@ class SiteTrainer:
     def _plan(self, guard: SiteGuard, run_id: str, round_no: int, num_rounds: int,
               phase: Phase, records: int) -> PrivateStep:
         """This release's mechanism, refused (BudgetError) if it would pass the budget.
-        σ leaves room for the run's evaluations (one noisy confusion matrix a round,
+        σ leaves room for the run's evaluations (noisy per-class counts once a round,
         and one of the personalised model) when the site releases them."""
         p = self.cfg.privacy
         evaluations = 0
@@ -246,8 +253,8 @@ class SiteTrainer:
         return step
 
     def evaluate(self, round_no: int, num_rounds: int, run_id: str) -> tuple[float, int, dict]:
-        """The global model on the site's validation records, released as a noisy
-        confusion matrix (charged) and the metrics computed from it, if the site
+        """The global model on the site's validation records, released as noisy
+        per-class counts (charged) and the metrics computed from them, if the site
         releases evaluation at all; after the last round, also the site's personalised
         copy (when train.personalize_steps > 0). No loss is sent."""
         out: dict = {Keys.SITE: self.site.name, Keys.EVALUATED: False}
@@ -255,34 +262,37 @@ class SiteTrainer:
             return math.nan, 0, out
         guard = self.guard() if self.site.private else None
         try:
-            matrix = self._release_matrix(guard, run_id, round_no)
+            counts = self._release_counts(guard, run_id, round_no)
         except accounting.BudgetError as err:
             guard.record_refusal(run_id, round_no, f"{self.site.name} does not evaluate "
                                                    f"round {round_no}: {err}", False)
             out[Keys.REFUSED] = "budget"
         else:
-            out.update(confusion_metrics(matrix), **{Keys.EVALUATED: True})
+            out.update(count_metrics(counts), **{Keys.EVALUATED: True})
         if self.cfg.train.personalize_steps and round_no and round_no == num_rounds:
             out.update(self.personalize(guard, run_id, round_no, num_rounds))
         if guard is not None:
             out.update({Keys.EPSILON: guard.spent(), Keys.LEDGER: guard.ledger_text(),
                         Keys.LEDGER_HEAD: guard.head(),
                         Keys.SITE_PUBLIC_KEY: guard.public_key()})
-        total = int(max(0, round(float(matrix.sum())))) if out[Keys.EVALUATED] else 0
+        total = int(max(1, round(float(counts[1].sum())))) if out[Keys.EVALUATED] else 0
         return math.nan, total, out
 
-    def _release_matrix(self, guard: SiteGuard | None, run_id: str,
+    def _release_counts(self, guard: SiteGuard | None, run_id: str,
                         round_no: int) -> np.ndarray:
-        """The validation confusion matrix under the current adapter: exact at a
-        non-private site, else with Gaussian noise on every cell, charged."""
+        """Per class (true positives, records, predictions) on the validation records
+        under the current adapter: exact at a non-private site, else with Gaussian noise
+        (multiplier count_noise at sensitivity √3), charged."""
         probs = predict_probs(trainable_head(self.model), self.features(self.val_data),
                               self.device)
-        k = len(self.site.label_names)
-        matrix = confusion_matrix(probs.argmax(axis=1), np.asarray(self.val_data.labels), k)
+        counts = class_counts(probs.argmax(axis=1), np.asarray(self.val_data.labels),
+                              len(self.site.label_names))
         if guard is None:
-            return matrix
-        return guard.release_count("evaluate", run_id, round_no, matrix,
-                                   self.count_sigma(guard))
+            return counts
+        return guard.release_count(
+            "evaluate", run_id, round_no, counts, self.count_sigma(guard),
+            sensitivity=math.sqrt(3),
+            statistic="per class: true positives, records, predictions (validation)")
 
     def personalize(self, guard: SiteGuard | None, run_id: str, round_no: int,
                     num_rounds: int) -> dict:
@@ -308,7 +318,7 @@ class SiteTrainer:
                     guard.record_release(run_id, round_no, step, accounting.epsilon(
                         accountant.history, guard.policy.delta, guard.accountant),
                         get_adapter_arrays(self.model), False, "personalize")
-                    matrix = self._release_matrix(guard, run_id, round_no)
+                    counts = self._release_counts(guard, run_id, round_no)
                 except accounting.BudgetError as err:
                     guard.record_refusal(run_id, round_no, f"{self.site.name} does not "
                                                            f"personalise: {err}", False)
@@ -316,12 +326,12 @@ class SiteTrainer:
             else:
                 train_plain(module, data, phase.batch_size, phase.steps,
                             phase.learning_rate, t.chunk_size, self.device, gen)
-                matrix = self._release_matrix(None, run_id, round_no)
+                counts = self._release_counts(None, run_id, round_no)
             folder = self.site.state_dir / "personalized" / check_name("run id", run_id)
             save_adapter(self.model, folder, self.site.label_names, self.cfg.model.base_model,
                          self.cfg.model.max_length)
             self.say(f"personalised adapter saved in {folder}")
-            out.update({f"personalized_{k}": v for k, v in confusion_metrics(matrix).items()})
+            out.update({f"personalized_{k}": v for k, v in count_metrics(counts).items()})
             out[Keys.PERSONALIZED_ADAPTER] = True
         finally:
             set_adapter_arrays(self.model, global_arrays)  # the global model stays global

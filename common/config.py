@@ -16,6 +16,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from common.names import check_name
+
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_DATA = "icd10"
 
@@ -104,11 +106,12 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata={"help": "Per-site delta."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
     count_noise: float = field(
-        default=10.0,
-        metadata={"help": "σ of the Gaussian noise on every count a site releases (each "
-                          "cell of its validation confusion matrix, its training-set size "
-                          "once per data version); each such release is charged to its ε. "
-                          "A site uses the larger of this and its own."})
+        default=5.0,
+        metadata={"help": "Noise multiplier of the Gaussian mechanism on every count a "
+                          "site releases (its per-class validation counts at each "
+                          "evaluation, its training-set size once per data version); each "
+                          "release is charged to its ε. A site uses the larger of this "
+                          "and its own."})
     accountant: Literal["prv", "rdp"] = field(
         default="prv",
         metadata={"help": "How ε is computed for calibration, budget checks and ledger "
@@ -252,6 +255,11 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         _check(self.num_sites >= 1, "simulation.num_sites", self.num_sites, ">= 1")
         _check(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+        if self.run_name:  # it names the run's folder, and the sites' folders under it
+            try:
+                check_name("simulation.run_name", self.run_name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -282,7 +290,9 @@ class NodeConfig:
     min_val_records: int = 10
     min_noise_multiplier: float = 0.0
     max_noise_multiplier: float = 20.0
-    count_noise: float = field(default=10.0, metadata={"help": "σ on released counts."})
+    count_noise: float = field(default=5.0, metadata={"help": "Noise multiplier on released "
+                                                                "counts (the larger of this "
+                                                                "and the run's)."})
     private: bool = True
     require_secure_aggregation: bool = field(
         default=False, metadata={"help": "Refuse every round not under SecAgg+."})

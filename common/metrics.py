@@ -66,24 +66,29 @@ def weighted_mean(pairs) -> dict[str, float]:
     return {k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0}
 
 
-def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) counts: row = true class, column = predicted class."""
-    index = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(pred, dtype=np.int64)
-    return np.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+def class_counts(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(3, C): per class, the true positives, the records (support) and the predictions.
+    Adding or removing one record moves one support, one prediction and at most one
+    true positive by 1: L2 sensitivity √3."""
+    labels, pred = np.asarray(labels, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    return np.stack([np.bincount(labels[pred == labels], minlength=num_classes),
+                     np.bincount(labels, minlength=num_classes),
+                     np.bincount(pred, minlength=num_classes)]).astype(np.float64)
 
 
-def confusion_metrics(matrix: np.ndarray) -> dict[str, float]:
-    """accuracy, macro recall and macro F1 over all classes from a confusion matrix,
-    exact or noisy (noisy cells below 0 count as 0), as classification_metrics computes
-    them (a class with no records or no predictions scores 0). {} if it holds nothing."""
-    m = np.clip(np.asarray(matrix, dtype=np.float64), 0.0, None)
-    total = m.sum()
-    if total <= 0:
-        return {}
-    tp, support, predicted = np.diag(m), m.sum(axis=1), m.sum(axis=0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+def count_metrics(counts: np.ndarray) -> dict[str, float]:
+    """accuracy, macro recall and macro F1 over all classes from class_counts, exact or
+    noisy, as classification_metrics computes them (a class with no records or no
+    predictions scores 0). Noisy counts are used as they are (unbiased) where they are
+    summed, floored at 0 inside a ratio, and a noisy total below 1 counts as 1."""
+    tp, support, predicted = np.asarray(counts, dtype=np.float64)
+    total = max(support.sum(), 1.0)
+    tp_c, support_c, predicted_c = (np.clip(v, 0.0, None) for v in (tp, support, predicted))
+    recall = np.divide(np.minimum(tp_c, support_c), support_c, out=np.zeros_like(tp),
+                       where=support_c >= 1)
+    precision = np.divide(np.minimum(tp_c, predicted_c), predicted_c, out=np.zeros_like(tp),
+                          where=predicted_c >= 1)
     denom = recall + precision
     f1 = np.divide(2 * recall * precision, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": float(tp.sum() / total), "macro_recall": float(recall.mean()),
-            "macro_f1": float(f1.mean())}
+    return {"accuracy": float(np.clip(tp.sum() / total, 0.0, 1.0)),
+            "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}

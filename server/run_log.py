@@ -136,7 +136,8 @@ class RunRecorder:
         f1 = _weighted(val, ("macro_f1",))["macro_f1"]
         parts = [f"round {round_no}/{self.cfg.federation.num_rounds}",
                  f"{time.perf_counter() - self.start:6.1f}s",
-                 f"val macro-F1 {format_metric(f1)}"]
+                 f"val macro-F1 {format_metric(f1)}"
+                 + (" (DP-noised counts)" if self.cfg.privacy.enabled else "")]
         if self.cfg.privacy.enabled:
             rows = sorted(self._phase("train", round_no), key=lambda r: r[Keys.SITE])
             sigmas = sorted({round(r[Keys.NOISE_MULTIPLIER], 2) for r in rows

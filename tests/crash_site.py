@@ -21,7 +21,7 @@ def main(model_dir: str, site_file: str, test_file: str, state_dir: str, out_dir
     files = {"sites": [Path(site_file)] * 2, "test": Path(test_file)}
     cfg = tiny_config(Path(model_dir), files, federation={"num_rounds": 1000})
     ds = read_records(site_file, "note", "diagnosis", LABELS)
-    # no evaluations: 1000 planned noisy confusion matrices would not fit the run target
+    # no evaluations: 1000 planned noisy evaluations would not fit the run target
     site = Site("site0", site_split(ds, 0.1, 0), LABELS,
                 Policy(1000.0, 1e-5, release_evaluation=False), Path(state_dir))
     out = Path(out_dir)

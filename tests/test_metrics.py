@@ -32,3 +32,26 @@ def test_weighted_mean_leaves_out_sites_without_a_value():
     assert out["acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     assert out["auroc"] == pytest.approx(0.8)  # not (10*0.8 + 30*0)/40
     assert set(out) == {"acc", "auroc"}
+
+
+def test_metrics_from_class_counts_equal_the_metrics_from_predictions():
+    from common.metrics import class_counts, count_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 300)
+    labels[labels == 4] = 3  # class 4 has no records, and is never predicted right
+    probs = rng.dirichlet(np.ones(5), 300)
+    probs[np.arange(300), labels] += rng.random(300)  # better than chance, not perfect
+    probs /= probs.sum(axis=1, keepdims=True)
+    exact = classification_metrics(probs, labels, 5)
+    counts = class_counts(probs.argmax(axis=1), labels, 5)
+    assert counts.shape == (3, 5) and counts[1].sum() == 300
+    got = count_metrics(counts)
+    for name in ("accuracy", "macro_recall", "macro_f1"):
+        assert got[name] == pytest.approx(exact[name], abs=1e-12)
+    # one record more moves one support, one prediction, at most one true positive
+    more = class_counts(np.append(probs.argmax(axis=1), 2), np.append(labels, 2), 5)
+    assert np.linalg.norm(more - counts) == pytest.approx(np.sqrt(3))
+    # noise can push a small set's counts below zero: the metrics stay defined, in [0, 1]
+    noisy = count_metrics(counts - 400)
+    assert all(0.0 <= v <= 1.0 for v in noisy.values()) and len(noisy) == 3
