@@ -1,4 +1,4 @@
-# fedcare: two commands from a fresh machine with Python 3.10+ and pip.
+# fedcare: two commands from a fresh machine with Python 3.11+ and pip.
 #   make demo   set up .venv, then simulate 4 private hospitals on the embedded data
 #   make test   set up .venv, then run the whole test suite
 PYTHON ?= python3

@@ -192,7 +192,8 @@ def read_adapter_meta(directory: str | Path) -> dict:
 
 
 def load_adapter(directory: str | Path, base_model: str | None = None):
-    """(model in eval mode, tokenizer, label names) from a saved adapter folder."""
+    """(model in eval mode, tokenizer, label names) from a saved adapter folder; the
+    tokenizer reads at most the `max_length` the adapter was trained with."""
     from peft import PeftModel
 
     meta = read_adapter_meta(directory)
@@ -200,7 +201,10 @@ def load_adapter(directory: str | Path, base_model: str | None = None):
     base = build_base(base_model, len(meta["labels"]), meta.get("pooling", "mean"))
     model = PeftModel.from_pretrained(base, str(directory))
     model.eval()
-    return model, load_tokenizer(base_model), tuple(meta["labels"])
+    tokenizer = load_tokenizer(base_model)
+    if meta.get("max_length"):  # read notes as training read them (predict and explain)
+        tokenizer.model_max_length = int(meta["max_length"])
+    return model, tokenizer, tuple(meta["labels"])
 
 
 def pick_device(device: str) -> torch.device:

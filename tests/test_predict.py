@@ -67,6 +67,13 @@ def _predict(loaded, texts, **options):
 
 
 # ------------------------------------------------------------------------------ library
+def test_notes_are_read_as_far_as_training_read_them(loaded):
+    _, tokenizer, _ = loaded
+    assert tokenizer.model_max_length == 16  # recorded in labels.json; the model takes 64
+    long, short = " ".join(["fever"] * 20), "fever cough"  # 22 and 4 tokens with specials
+    got = _predict(loaded, [long, short])
+    assert got[0].truncated and not got[1].truncated
+
 
 def test_obvious_records_get_their_cue_label_in_input_order(loaded):
     texts = [OBVIOUS[label] for label in ("skin", "respiratory", "mental", "injury")]
