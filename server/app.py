@@ -113,6 +113,12 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     fit_workflow = FitWorkflow(fed, inner)
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
+    if strategy.steps == 0:  # an untrained adapter must not pass for this run's result
+        failed = sorted({f"{r.get(Keys.SITE)}: {r.get(Keys.REFUSED) or r.get('status')}"
+                         for r in recorder.rows if r["phase"] == "train"})
+        recorder.summary(final, {"rounds_aggregated": 0})
+        raise RuntimeError("no round aggregated any update, so no adapter is saved; what "
+                           f"the sites answered: {failed[:3] or 'nothing'} (metrics.jsonl)")
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model,
                  cfg.model.max_length)
@@ -129,6 +135,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     recorder.say("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in split.items())
                  + " (the first fit includes the sites' start-up: model, tokens, features)")
     summary = recorder.summary(final, {"time_split_seconds": split, "audit": audit,
+                                       "rounds_aggregated": strategy.steps,
                                        "secure_aggregation": {
         "setting": fed.secure_aggregation,
         "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}},

@@ -47,6 +47,9 @@ def _clean(value):
 class RunRecorder:
     def __init__(self, run_dir: Path, cfg: Config, out=sys.stdout) -> None:
         self.dir = Path(run_dir)
+        if (self.dir / "metrics.jsonl").exists() or (self.dir / "summary.json").exists():
+            raise RuntimeError(f"{self.dir} already holds a run, and a run directory holds "
+                               "one run: choose another simulation.run_name")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.out = cfg, out
         self.start = time.perf_counter()

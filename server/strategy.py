@@ -24,6 +24,7 @@ site's cached encoder features would go stale).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, Sequence
 
@@ -132,7 +133,7 @@ class SiteAwareStrategy(Strategy):
                     res.parameters = self._keep_frozen(server_round, res.parameters)
                     accepted.append((proxy, res))
             rows.append(row)
-        rows += [{Keys.SITE: "?", "status": f"failed: {f!r}"[:300]} for f in failures]
+        rows += [{Keys.SITE: "?", "status": f"failed: {failure_reason(f)}"} for f in failures]
         self.record("train", server_round, rows)
         if not accepted:
             log.warning("round %s: no update to aggregate; the global adapter is unchanged",
@@ -164,6 +165,18 @@ class SiteAwareStrategy(Strategy):
         if not weighted:
             return None, {}
         return self.inner.aggregate_evaluate(server_round, weighted, failures)
+
+
+SITE_FAILURE = re.compile(r"site failure '[a-z-]+'.*?reference [0-9a-f]+")
+
+
+def failure_reason(failure) -> str:
+    """What a failed site said: its failure code and reference (client/releases.py), or
+    the start of whatever Flower reported."""
+    error = failure.args[0] if isinstance(failure, Exception) and failure.args else None
+    text = f"{getattr(error, 'reason', '')} {failure!r}"  # Flower's Error: code, reason
+    found = SITE_FAILURE.search(text)
+    return found.group(0) if found else repr(failure)[:300]
 
 
 class PhaseClock:

@@ -51,6 +51,9 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     from server.app import ERROR_FILE, build_app as build_server_app, run_dir_for
 
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # its summary would pass for this run's
+        raise RuntimeError(f"{run_dir} already holds a run, and a run directory holds one "
+                           "run: choose another simulation.run_name or --run-dir")
     cfg = prepare(cfg, run_dir)
     sim = cfg.simulation
     resources = {"num_cpus": sim.cpus_per_site, "num_gpus": 0.0}
@@ -70,8 +73,8 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
         },
         verbose_logging=verbose,
     )
-    if not (run_dir / "summary.json").is_file():
-        error = run_dir / ERROR_FILE
+    error = run_dir / ERROR_FILE
+    if error.is_file() or not (run_dir / "summary.json").is_file():
         why = error.read_text().strip() if error.is_file() else "see the log above"
-        raise RuntimeError(f"the simulation stopped without a summary in {run_dir}: {why}")
+        raise RuntimeError(f"the run in {run_dir} failed: {why}")
     return run_dir

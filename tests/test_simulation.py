@@ -124,3 +124,17 @@ def test_personalised_sites_report_both_models_and_pay_from_the_same_budget(
         assert entries[-1]["epsilon"] <= cfg.privacy.target_epsilon + 1e-9
         assert summary["epsilon_per_site"][site] == entries[-1]["epsilon"]
     assert verify_path(run).ok
+
+
+def test_a_run_no_site_could_join_fails_and_says_why_and_its_name_is_not_reused(
+        tiny_model, site_files, tmp_path):
+    # every site refuses a validation split of one record: no round aggregates anything
+    cfg = tiny_config(tiny_model, site_files, data={"val_fraction": 1e-6},
+                      federation={"num_rounds": 1})
+    with pytest.raises(RuntimeError, match="no round aggregated any update") as failure:
+        simulate(cfg, tmp_path / "run")
+    assert "site failure 'data'" in str(failure.value)  # a code, not the site's records
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds_aggregated"] == 0
+    with pytest.raises(RuntimeError, match="already holds a run"):
+        simulate(tiny_config(tiny_model, site_files), tmp_path / "run")
