@@ -1,8 +1,11 @@
 """Aggregation of adapter updates: a Flower strategy (FedAvg, FedAvgM, FedAdam), wrapped.
 
 `SiteAwareStrategy` wraps any `flwr.server.strategy.Strategy` and adds what a
-hospital federation needs around it: an update is checked before it can touch the
-average (shape, finite values, plausible example count) and rejected whole if bad;
+hospital federation needs around it: a site's name is bound to the Flower node that
+first used it (an impostor, a renamed node or a name that is not one plain name is
+rejected and filed under `node-<id>`); an update is checked before it can touch the
+average (shape, finite values in the dtype the adapter keeps, plausible example count)
+and rejected whole if bad;
 refusals are kept out of the average but recorded; every site's metrics reach the
 run's recorder. It works the same under SecAgg+, where the inner strategy only
 ever receives the secure sum.
@@ -36,6 +39,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from common.keys import Keys
+from common.names import check_name
 
 log = logging.getLogger("fedcare.server")
 
@@ -58,6 +62,8 @@ class SiteAwareStrategy(Strategy):
         self.frozen = frozen
         self.clock = PhaseClock()
         self.sent: dict[int, list[np.ndarray]] = {}  # round -> the global adapter sent
+        self.owners: dict[str, str] = {}  # site name -> the node id that first used it
+        self.names: dict[str, str] = {}   # node id -> the site name it first used
 
     def __repr__(self) -> str:
         return f"SiteAwareStrategy({self.inner!r})"
@@ -96,6 +102,36 @@ class SiteAwareStrategy(Strategy):
         finally:
             self.clock.end()
 
+    def identify(self, proxy: ClientProxy, metrics: dict) -> tuple[str, str]:
+        """(the name the run log files the reply under, '' or why it is not accepted).
+        A site's name is bound to its Flower node id at first contact: a second node
+        claiming it, a node changing its name, or a name that is not one plain name
+        (it would become a file name) is rejected, and filed under `node-<id>`."""
+        node, claimed = str(proxy.cid), metrics.get(Keys.SITE)
+        try:
+            check_name("site name", claimed)
+        except ValueError:
+            return f"node-{node}", f"site name {str(claimed)[:40]!r} is not a plain name"
+        owner, named = self.owners.get(claimed, node), self.names.get(node, claimed)
+        if owner != node:
+            return f"node-{node}", f"site name {claimed!r} belongs to node {owner}"
+        if named != claimed:
+            return f"node-{node}", f"node {node} answered as {named!r} before"
+        self.owners[claimed], self.names[node] = node, claimed
+        return claimed, ""
+
+    def _row(self, proxy: ClientProxy, metrics: dict, **extra) -> tuple[dict, str]:
+        """The run log's row of a reply, and '' or why its sender is not accepted (then
+        what it claims, ledger included, is not kept)."""
+        name, problem = self.identify(proxy, metrics)
+        row = {**metrics, **extra, Keys.SITE: name}
+        if problem:
+            for key in (Keys.LEDGER, Keys.LEDGER_HEAD, Keys.SITE_PUBLIC_KEY):
+                row.pop(key, None)
+            row["status"] = f"rejected: {problem}"
+            log.warning("update from node %s rejected: %s", proxy.cid, problem)
+        return row, problem
+
     def check_update(self, res: FitRes, server_round: int = 0) -> str:
         """'' if the update may be averaged, else why not."""
         if not 0 < res.num_examples <= self.max_examples:
@@ -108,8 +144,9 @@ class SiteAwareStrategy(Strategy):
             expected = (0,) if i in frozen else shape
             if a.shape != expected:
                 return f"tensor {i} has shape {a.shape}, expected {expected}"
-            if not np.isfinite(a).all():
-                return f"tensor {i} has NaN or infinite values"
+            kept = a if self.dtypes is None else a.astype(self.dtypes[i])  # as it would be kept
+            if not np.isfinite(a).all() or not np.isfinite(kept).all():
+                return f"tensor {i} has NaN or infinite values (or overflows {kept.dtype})"
         return ""
 
     def aggregate_fit(self, server_round: int,
@@ -118,10 +155,10 @@ class SiteAwareStrategy(Strategy):
         self.clock.end()
         accepted, rows = [], []
         for proxy, res in results:
-            row = dict(res.metrics)
-            row[Keys.SITE] = str(row.get(Keys.SITE, proxy.cid))
-            row["num_examples"] = res.num_examples
-            if row.get(Keys.REFUSED):
+            row, unknown = self._row(proxy, dict(res.metrics), num_examples=res.num_examples)
+            if unknown:
+                pass  # its row says why; nothing it sent is used
+            elif row.get(Keys.REFUSED):
                 row["status"] = "refused"
             else:
                 problem = self.check_update(res, server_round)
@@ -155,13 +192,14 @@ class SiteAwareStrategy(Strategy):
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
         self.clock.end()
         rows = []
+        weighted = []  # a site that keeps its evaluation to itself sends a weight of 0
         for proxy, res in results:
-            row = {**res.metrics, "loss": res.loss, "num_examples": res.num_examples}
-            row[Keys.SITE] = str(row.get(Keys.SITE, proxy.cid))
+            row, problem = self._row(proxy, dict(res.metrics), loss=res.loss,
+                                     num_examples=res.num_examples)
             rows.append(row)
+            if not problem and res.num_examples > 0:
+                weighted.append((proxy, res))
         self.record("evaluate", server_round, rows)
-        # a site that keeps its evaluation to itself sends a weight of 0
-        weighted = [(proxy, res) for proxy, res in results if res.num_examples > 0]
         if not weighted:
             return None, {}
         return self.inner.aggregate_evaluate(server_round, weighted, failures)
