@@ -30,14 +30,12 @@ import numpy as np
 from client.training import PrivateStep
 from common.privacy import accounting
 from common.privacy.keys import load_or_create_site_key, public_key_pem, sign_digest
-from common.privacy.ledger import (Ledger, LedgerTruncatedError, dataset_of,
+from common.privacy.ledger import (GAUSSIAN_MECHANISM, LEDGER_FILE, Ledger,
+                                   LedgerTruncatedError, dataset_of,
                                    discard_incomplete_tail, format_head)
 
-LEDGER_FILE = "ledger.jsonl"
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}
-COUNT_MECHANISM = {"name": "Gaussian", "noise": "gaussian", "sampling": "none",
-                   "sensitivity": 1}  # of the statistic scaled to L2 sensitivity 1
 
 
 @dataclass(frozen=True)
@@ -199,7 +197,7 @@ class SiteGuard:
         noisy = values + np.reshape([rng.gauss(0.0, sigma * sensitivity)
                                      for _ in range(values.size)], values.shape)
         extra = {"released_value": float(noisy.flat[0])} if keep else {}
-        mechanism = {**COUNT_MECHANISM, "statistic": statistic,
+        mechanism = {**GAUSSIAN_MECHANISM, "statistic": statistic,
                      "scaled_by": 1 / sensitivity}  # the statistic at sensitivity 1
         self._append(self._entry(
             kind, run_id, round_no, False, mechanism=mechanism, noise_multiplier=sigma,

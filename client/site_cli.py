@@ -21,11 +21,10 @@ from common.privacy.keys import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
 )
 from common.names import check_name
-from common.privacy.ledger import Ledger, LedgerError
+from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
 from common.privacy.report import dataset_summaries, format_epsilon
 from common.privacy.verify import VerifyInputError, verify_path
 
-LEDGER_FILE = "ledger.jsonl"  # what client/budget.py writes in the state folder
 NO_DATA = "none"  # a dataset start's data_fingerprint: it releases no data version
 
 

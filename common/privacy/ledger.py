@@ -42,6 +42,7 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
+LEDGER_FILE = "ledger.jsonl"  # a site's ledger, in its state folder
 GENESIS_HASH = "0" * 64
 KINDS = ("train", "refusal", "personalize", "evaluate", "size", "dataset")
 RELEASES_NOTHING = ("refusal", "dataset")
