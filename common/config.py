@@ -225,6 +225,32 @@ class FederationConfig:
         default=1.0, metadata={"help": "Server step size (fedavgm, fedadam); 1 with fedavg."})
     server_momentum: float = field(
         default=0.9, metadata={"help": "fedavgm: momentum; fedadam: beta_1."})
+    aggregation: Literal["mean", "trimmed_mean", "median", "krum"] = field(
+        default="mean",
+        metadata={"help": "How the round's updates are combined: the weighted mean, or a "
+                          "rule robust to a few faulty sites (Flower's FedTrimmedAvg, "
+                          "FedMedian, Krum); those need every update in the clear "
+                          "(secure_aggregation off) and the fedavg server optimiser."})
+    faulty_share: float = field(
+        default=0.2, metadata={"help": "trimmed_mean: share cut at each end; krum: share "
+                                       "of sites assumed faulty."})
+    update_norm_bound: float = field(
+        default=0.0, metadata={"help": "Plain rounds: a site's update (its adapter minus "
+                                       "the global one) longer than this L2 norm is scaled "
+                                       "down to it; 0 = no bound."})
+    max_site_examples: int = field(
+        default=100_000, metadata={"help": "The largest FedAvg weight one site may claim; "
+                                           "a larger claim counts as this many."})
+    round_timeout: float = field(
+        default=3600.0, metadata={"help": "Seconds a round waits for its sites; a site "
+                                          "that has not answered by then counts as failed."})
+    min_completion: float = field(
+        default=0.5, metadata={"help": "Share of a round's sites whose update must be "
+                                       "accepted (and at least min_sites) for the round "
+                                       "to be aggregated; else the round is skipped."})
+    max_failed_rounds: float = field(
+        default=0.5, metadata={"help": "The run fails (exit non-zero) when more than this "
+                                       "share of its rounds were skipped."})
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
@@ -243,6 +269,24 @@ class FederationConfig:
                self.server_learning_rate, "> 0")
         _check(0 <= self.server_momentum < 1, "federation.server_momentum",
                self.server_momentum, "in [0, 1)")
+        _check(0 <= self.faulty_share < 0.5, "federation.faulty_share",
+               self.faulty_share, "in [0, 0.5)")
+        _check(self.update_norm_bound >= 0, "federation.update_norm_bound",
+               self.update_norm_bound, ">= 0")
+        _check(self.max_site_examples >= 1, "federation.max_site_examples",
+               self.max_site_examples, ">= 1")
+        _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "> 0")
+        _check(0 < self.min_completion <= 1, "federation.min_completion",
+               self.min_completion, "in (0, 1]")
+        _check(0 <= self.max_failed_rounds < 1, "federation.max_failed_rounds",
+               self.max_failed_rounds, "in [0, 1)")
+        if self.aggregation != "mean":
+            _check(self.secure_aggregation == "off", "federation.secure_aggregation",
+                   self.secure_aggregation,
+                   f"'off' with aggregation {self.aggregation!r} (a robust rule needs "
+                   "every update; SecAgg+ shows only the sum)")
+            _check(self.server_optimizer == "fedavg", "federation.server_optimizer",
+                   self.server_optimizer, f"'fedavg' with aggregation {self.aggregation!r}")
 
 
 @dataclass(frozen=True)
