@@ -95,6 +95,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
 
     inner = build_strategy(
         fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
+        aggregation=fed.aggregation, faulty_share=fed.faulty_share,
         fraction_fit=fed.fraction_train, fraction_evaluate=1.0,
         min_fit_clients=fed.min_sites, min_evaluate_clients=fed.min_sites,
         min_available_clients=fed.min_sites,

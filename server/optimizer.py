@@ -27,10 +27,14 @@ FEDADAM_BETA_2 = 0.99  # Flower's default
 # FedOpt's eta_l (client learning rate) is stored by Flower but used nowhere; not set.
 
 
-def build_strategy(name: str, learning_rate: float, momentum: float, **fedavg_args) -> FedAvg:
+def build_strategy(name: str, learning_rate: float, momentum: float,
+                   aggregation: str = "mean", faulty_share: float = 0.2,
+                   **fedavg_args) -> FedAvg:
     """The inner strategy for `name`. `learning_rate` is FedAvgM's server learning rate
     or FedAdam's η; `momentum` is FedAvgM's momentum or FedAdam's β1; both are unused
     by fedavg. `fedavg_args` are FedAvg's own arguments, passed through unchanged."""
+    if aggregation != "mean":
+        raise ValueError(f"aggregation {aggregation!r} is not built yet")
     if name not in OPTIMIZERS:
         raise ValueError(f"server optimiser must be one of {', '.join(OPTIMIZERS)} "
                          f"(got {name!r})")
