@@ -185,11 +185,13 @@ def test_every_fedavg_argument_reaches_the_strategy(name):
     assert (s.fraction_fit, s.min_fit_clients, s.min_available_clients) == (0.5, 3, 3)
     assert s.evaluate_fn is evaluate_fn and s.on_fit_config_fn is fit_config
     assert s.fit_metrics_aggregation_fn is mean_fn is s.evaluate_metrics_aggregation_fn
+    mean = {"rule": "mean"}
     assert describe(s) == {
-        "fedavg": {"name": "fedavg", "learning_rate": 1.0, "momentum": 0.0},
-        "fedavgm": {"name": "fedavgm", "learning_rate": 0.1, "momentum": 0.5},
+        "fedavg": {"name": "fedavg", "learning_rate": 1.0, "momentum": 0.0, "aggregation": mean},
+        "fedavgm": {"name": "fedavgm", "learning_rate": 0.1, "momentum": 0.5,
+                    "aggregation": mean},
         "fedadam": {"name": "fedadam", "learning_rate": 0.1, "momentum": 0.5,
-                    "beta_2": FEDADAM_BETA_2, "tau": FEDADAM_TAU}}[name]
+                    "beta_2": FEDADAM_BETA_2, "tau": FEDADAM_TAU, "aggregation": mean}}[name]
 
 
 def test_builder_errors_name_the_problem():
@@ -239,7 +241,7 @@ def test_fedadam_under_secagg_takes_the_server_step_on_the_secure_mean(tiny_mode
     assert summary["secure_aggregation"]["rounds"] == {"1": True}
     assert summary["server_optimizer"] == {"name": "fedadam", "learning_rate": eta,
                                            "momentum": beta_1, "beta_2": FEDADAM_BETA_2,
-                                           "tau": FEDADAM_TAU}
+                                           "tau": FEDADAM_TAU, "aggregation": {"rule": "mean"}}
 
     with np.load(capture / "global-site0.npz", allow_pickle=False) as data:
         x0 = [data[f"arr_{i}"] for i in range(len(data.files))]
