@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import shlex
 import socket
 import ssl
 import stat
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from common.certs import (
+    DATA_FILE_PLACEHOLDER,
     CertPaths,
     CertsError,
     DuplicateSiteError,
@@ -32,6 +35,7 @@ from common.certs import (
     init_certs,
     register,
 )
+from common.config import from_node_config
 
 
 @pytest.fixture(scope="module")
@@ -304,22 +308,99 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_cli_init_and_add_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _command(printed: str, program: str) -> list[str]:
+    """The one printed line that runs `program`, split as the shell would."""
+    lines = [line for line in printed.splitlines() if line.strip().startswith(program + " ")]
+    assert len(lines) == 1, (program, printed)
+    return shlex.split(lines[0])
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _toml_lines(printed: str) -> str:
+    """The printed `key = value` lines (a config.toml stanza or a node config)."""
+    return "\n".join(line.strip() for line in printed.splitlines()
+                     if line.startswith("  ") and " = " in line)
+
+
+def test_cli_init_prints_commands_that_run_from_any_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "c"
     assert _cli(["certs", "init", "--out", str(out), "--host", "sl.example.org",
                  "--site", "a", "--site", "b"]) == 0
     printed = capsys.readouterr().out
-    assert "flower-superlink --ssl-ca-certfile" in printed
-    assert "--enable-supernode-auth" in printed
-    assert f"flwr supernode register {(out / 'sites' / 'a' / 'auth.pub').resolve()}" in printed
+    superlink = _command(printed, "flower-superlink")
+    assert "--enable-supernode-auth" in superlink
+    for option in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert Path(_option(superlink, option)).is_absolute()
+        assert Path(_option(superlink, option)).is_file(), option
+    assert _option(superlink, "--database") == str((tmp_path / "superlink.db").resolve())
+    connection = tomllib.loads("[superlink.fedcare]\n" + _toml_lines(printed.split(
+        "[superlink.fedcare]", 1)[1]))["superlink"]["fedcare"]
+    assert connection["address"] == "sl.example.org:8000"
+    assert Path(connection["root-certificates"]).is_file()
+    for site in ("a", "b"):
+        public = (out / "sites" / site / "auth.pub").resolve()
+        assert f"flwr supernode register {public} fedcare --name {site}" in printed
     san = _load(out / "server.crt").extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     ).value
     assert san.get_values_for_type(x509.DNSName) == ["sl.example.org", "localhost"]
 
-    assert _cli(["certs", "add-site", "c", "--out", str(out)]) == 0
-    assert "flower-supernode" in capsys.readouterr().out
-    assert (out / "sites" / "c" / "auth.key").exists()
+
+def test_cli_add_site_in_the_operators_folder_prints_what_a_site_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "c"
+    assert _cli(["certs", "init", "--out", str(out), "--host", "sl.example.org"]) == 0
+    capsys.readouterr()
+    assert _cli(["certs", "add-site", "site-c", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "sites" / "site-c" / "auth.key").exists()
+    public = (out / "sites" / "site-c" / "auth.pub").resolve()
+    assert f"flwr supernode register {public} fedcare --name site-c" in printed
+
+    supernode = _command(printed, "flower-supernode")
+    assert _option(supernode, "--superlink") == "sl.example.org:8000"
+    for option in ("--root-certificates", "--auth-supernode-private-key"):
+        assert Path(_option(supernode, option)).is_file(), option
+    node_config_file = Path(_option(supernode, "--node-config"))
+    assert node_config_file == (tmp_path / "node-config.toml").resolve()
+    assert f"node config to {node_config_file}" in printed
+
+    # the printed node config is complete: with the data path filled in, it is what
+    # the ClientApp parses, and it names the site, its state folder and its policy
+    text = _toml_lines(printed)
+    assert DATA_FILE_PLACEHOLDER in text
+    data = tmp_path / "notes.csv"
+    node_config_file.write_text(text.replace(DATA_FILE_PLACEHOLDER, str(data)) + "\n")
+    node = from_node_config(tomllib.loads(node_config_file.read_text()))
+    assert (node.site, node.data_file) == ("site-c", str(data))
+    assert node.state_dir == str((tmp_path / "state").resolve())
+    assert (node.epsilon_budget, node.run_epsilon_cap, node.delta) == (24.0, 8.0, 1e-5)
+    assert node.epsilon_budget > node.run_epsilon_cap > 0  # a run spends a share of it
+    assert (node.text_column, node.label_column) == ("text", "label")
+
+
+def test_cli_add_site_at_a_hospital_says_where_the_ca_goes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"  # the hospital's own folder: no CA, no server certificate
+    assert _cli(["certs", "add-site", "site-a", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    supernode = _command(printed, "flower-supernode")
+    ca = Path(_option(supernode, "--root-certificates"))
+    assert ca == (out / "ca.crt").resolve() and not ca.exists()
+    assert f"(ca.crt) as {ca}" in printed  # where to save the operator's certificate
+    assert _option(supernode, "--superlink") == "SUPERLINK-HOST:8000"
+    assert "SUPERLINK-HOST: the SuperLink's address" in printed
+    assert Path(_option(supernode, "--auth-supernode-private-key")).is_file()
+    node = from_node_config(tomllib.loads(
+        _toml_lines(printed).replace(DATA_FILE_PLACEHOLDER, "/data/notes.csv")))
+    assert node.site == "site-a" and node.state_dir == str((tmp_path / "state").resolve())
 
 
 def test_cli_errors_are_sentences_and_exit_1(
