@@ -9,6 +9,7 @@ Every error names the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,11 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from common.errors import ConfigError
 from common.names import check_name
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_DATA = "icd10"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,9 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = field(
-        default=(), metadata={"help": "source=files: the label names, in class order."}
+        default=(), metadata={"help": "source=files: the label names, in class order; "
+                                      "distinct, and without ',' (Flower's run config "
+                                      "carries a list as one comma-joined string)."}
     )
     test_fraction: float = field(default=0.2, metadata={"help": "icd10: held-out share."})
     val_fraction: float = field(default=0.1, metadata={"help": "Per-site validation share."})
@@ -97,6 +97,7 @@ class DataConfig:
         if self.source == "files":  # site_files: a simulation's; a hospital names its own
             _check(len(self.labels) > 1, "data.labels", self.labels,
                    "at least two label names when data.source is 'files'")
+        _check_labels("data.labels", self.labels)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,9 @@ class FederationConfig:
     max_failed_rounds: float = field(
         default=0.5, metadata={"help": "The run fails (exit non-zero) when more than this "
                                        "share of its rounds were skipped."})
+    resume: bool = field(
+        default=False, metadata={"help": "Go on from the run directory's checkpoint (a "
+                                         "restarted server: same simulation.run_name)."})
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
@@ -327,8 +331,9 @@ class NodeConfig:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = field(
-        default=(), metadata={"help": "The site's label names (any order); the run's must "
-                                      "be the same set. () = the run's names."})
+        default=(), metadata={"help": "The site's label names (any order, distinct, no "
+                                      "','); the run's must be the same set. () = the "
+                                      "run's names."})
     val_fraction: float = 0.1
     split_seed: int = 0
     min_val_records: int = 10
@@ -372,6 +377,7 @@ class NodeConfig:
                "node config max-noise-multiplier", self.max_noise_multiplier,
                "> min-noise-multiplier >= 0")
         _check(self.count_noise > 0, "node config count-noise", self.count_noise, "> 0")
+        _check_labels("node config labels", self.labels)
 
 
 NODE_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig))
@@ -380,7 +386,14 @@ NODE_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfi
 def from_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
     """A SuperNode's node config (`key-name = value`) as a NodeConfig; unknown keys and
     bad values are refused by name."""
-    values = {str(k).replace("-", "_"): v for k, v in dict(node_config).items()}
+    values: dict[str, Any] = {}
+    given: dict[str, Any] = {}
+    for key, value in dict(node_config).items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise ConfigError(f"node config keys {given[name]!r} and {key!r} name the same "
+                              "setting; give it once")
+        values[name], given[name] = value, key
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(NodeConfig)})
     if unknown:
         raise ConfigError(f"node config key {unknown[0].replace('_', '-')!r} is not known; "
@@ -426,9 +439,57 @@ class Config:
         return flat
 
 
+def check_simulation(cfg: Config) -> Config:
+    """`cfg` if a simulation of `simulation.num_sites` sites can run it, else ConfigError.
+    A deployment has as many sites as connect, so these checks hold for simulations only."""
+    fed, sim = cfg.federation, cfg.simulation
+    if fed.min_sites > sim.num_sites:
+        raise ConfigError(f"federation.min_sites ({fed.min_sites}) must be <= "
+                          f"simulation.num_sites ({sim.num_sites}): a round waits for "
+                          "min_sites sites, and the simulation never has that many")
+    return cfg
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} must be {allowed} (got {value!r})")
+        raise ConfigError(f"{key} must be {allowed} (got {_show(value)})")
+
+
+def _check_labels(key: str, labels: tuple[str, ...]) -> None:
+    """Label names are matched by name in data files and travel in Flower's run config,
+    where a list is one comma-joined string: each must be distinct and comma-free."""
+    for name in labels:
+        _check(isinstance(name, str) and name.strip() == name != "" and "," not in name,
+               key, name, "label names without ',' or surrounding spaces")
+    duplicates = sorted({name for name in labels if labels.count(name) > 1})
+    _check(not duplicates, key, labels, f"distinct label names ({duplicates[:1]} repeats)")
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """repr(value) short enough for a one-line error."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return "a very long integer"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _name(key: Any) -> str:
+    """A key as an error names it: a plain string as it is, anything else as its repr."""
+    return key if isinstance(key, str) and len(key) <= 120 else _show(key)
+
+
+def _float(key: str, value: Any, what: str = "a number") -> float:
+    """A finite float from a number or a numeric string (YAML reads 1e-9 as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be {what} (got {_show(value)})")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key} must be {what} (got {_show(value)})") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number (got {_show(value)})")
+    return number
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -437,51 +498,60 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)} (got {value!r})")
+            raise ConfigError(f"{key} must be one of {list(allowed)} (got {_show(value)})")
         return value
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if isinstance(value, str):  # Flower's run config has no lists: "a,b,c"
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list (got {value!r})")
+            raise ConfigError(f"{key} must be a list (got {_show(value)})")
         if item is float:
-            try:
-                return tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key} must be a list of numbers (got {value!r})") from None
+            return tuple(_float(key, v, "a list of numbers") for v in value)
         if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} must be a list of strings (got {value!r})")
+            raise ConfigError(f"{key} must be a list of strings (got {_show(value)})")
+        for v in value:  # what the run config would split apart or strip
+            if "," in v or v.strip() != v or not v:
+                raise ConfigError(f"{key} items must be non-empty, without ',' or surrounding "
+                                  "spaces (Flower's run config carries a list as one "
+                                  f"comma-joined string; got {_show(v)})")
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false (got {value!r})")
+            raise ConfigError(f"{key} must be true or false (got {_show(value)})")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer (got {value!r})")
+            raise ConfigError(f"{key} must be an integer (got {_show(value)})")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number (got {value!r})")
-        return float(value)
+        return _float(key, value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string (got {value!r})")
+            raise ConfigError(f"{key} must be a string (got {_show(value)})")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
-def _build_section(cls: type, name: str, values: Mapping[str, Any]) -> Any:
+def _section(name: str, values: Any) -> Mapping[str, Any]:
+    """A section's settings; an empty or non-mapping section is refused by name (write
+    `name: {}`, or leave the section out, for its defaults)."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{name} must be a mapping of settings (got {values!r})")
+        what = "empty" if values is None else f"not a mapping of settings (got {_show(values)})"
+        raise ConfigError(f"section {name} is {what}: give it as 'setting: value' lines "
+                          f"under {name}:, or leave it out (or write {name}: {{}}) for "
+                          "its defaults")
+    return values
+
+
+def _build_section(cls: type, name: str, values: Any) -> Any:
+    values = _section(name, values)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]} is not a known setting; allowed: {sorted(known)}"
-        )
+        raise ConfigError(f"{name}.{_name(unknown[0])} is not a known setting; "
+                          f"allowed: {sorted(known)}")
     kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -495,12 +565,15 @@ def from_mapping(data: Mapping[str, Any] | None) -> Config:
     """Build a Config from nested ``{section: {key: value}}`` data; missing = default."""
     data = {} if data is None else data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"the configuration must be a mapping of sections (got {data!r})")
-    unknown = sorted(set(data) - set(SECTIONS))
+        raise ConfigError(f"the configuration must be a mapping of sections (got "
+                          f"{_show(data)})")
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
-        raise ConfigError(f"{unknown[0]} is not a known section; allowed: {sorted(SECTIONS)}")
+        raise ConfigError(f"{_name(unknown[0])} is not a known section; "
+                          f"allowed: {sorted(SECTIONS)}")
     return Config(**{
-        name: _build_section(cls, name, data.get(name) or {}) for name, cls in SECTIONS.items()
+        name: _build_section(cls, name, data[name] if name in data else {})
+        for name, cls in SECTIONS.items()
     })
 
 
@@ -519,16 +592,35 @@ def load_yaml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> C
     """Read a YAML config (safe_load); ``overrides`` are flat ``section.key`` values."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    data = dict(data or {})
+    except (ValueError, RecursionError) as err:  # e.g. an integer of 5,000 digits
+        raise ConfigError(f"{path}: a value cannot be read ({_show(str(err))})") from None
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the file must hold a mapping of sections such as "
+                          f"'privacy:' (got {type(data).__name__} {_show(data)})")
+    data = dict(data)
     for flat_key, value in (overrides or {}).items():
-        section, _, key = flat_key.partition(".")
-        data.setdefault(section, {})
-        data[section] = {**(data[section] or {}), key: value}
+        section, _, key = str(flat_key).partition(".")
+        if section in data:
+            try:
+                _section(section, data[section])
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+        data[section] = {**data.get(section, {}), key: value}
     try:
         return from_mapping(data)
     except ConfigError as err:
