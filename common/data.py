@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import warnings
@@ -19,12 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from common.config import DataConfig
+from common.errors import DataError
 
 ICD10_CHAPTERS = 18  # chapters 1-18 are diagnoses; 19-22 are injuries, causes, factors
-
-
-class DataError(ValueError):
-    """A data file or a data setting cannot be used; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -76,57 +74,137 @@ def read_records(path: str | Path, text_column: str, label_column: str,
                  label_names: Sequence[str], group_column: str = "") -> TextDataset:
     """Read a CSV or JSONL file of (text, label) records; labels are given by name.
 
-    Every problem is reported with the file and line number; no row is dropped.
+    The file must be UTF-8 (a spreadsheet's byte-order mark is allowed). Every problem
+    is a DataError with the file and line number (1-based); no row is dropped.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError("file not found", path=path)
+    repeated = sorted({n for n in label_names if list(label_names).count(n) > 1})
+    if repeated:
+        raise DataError(f"the declared labels name {repeated[0]!r} more than once; label "
+                        "names must be distinct", path=path)
     index = {name: i for i, name in enumerate(label_names)}
     texts, labels, groups = [], [], []
     for line_no, row in _rows(path):
         for column in (text_column, label_column):
             if column not in row:
-                raise DataError(f"{path}:{line_no}: missing column {column!r} "
-                                f"(columns: {sorted(row)})")
-        text, label = row[text_column], str(row[label_column]).strip()
+                raise DataError(f"missing column {column!r} (columns: "
+                                f"{_short(sorted(map(str, row)))})", path=path, line=line_no)
+        text, label = row[text_column], _as_text(row[label_column])
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path}:{line_no}: empty or non-text value in {text_column!r}")
+            raise DataError(f"empty or non-text value in {text_column!r}",
+                            path=path, line=line_no)
+        if not _encodable(text):
+            raise DataError(f"the value in {text_column!r} holds an unpaired surrogate "
+                            "escape (such as \\ud800), which is not text",
+                            path=path, line=line_no)
+        if label is None:
+            raise DataError(f"non-text value in {label_column!r}", path=path, line=line_no)
         if label not in index:
-            raise DataError(f"{path}:{line_no}: unknown label {label!r}; "
-                            f"declared labels: {list(label_names)}")
+            raise DataError(f"unknown label {_short(label)}; declared labels: "
+                            f"{_short(list(label_names))}", path=path, line=line_no)
         texts.append(text.strip())
         labels.append(index[label])
-        groups.append(str(row.get(group_column, "")) if group_column else f"{path.name}:{line_no}")
-    if not texts:
-        raise DataError(f"{path}: no records (the file is empty)")
+        groups.append((_as_text(row.get(group_column, "")) or "") if group_column
+                      else f"{path.name}:{line_no}")
     return TextDataset(tuple(texts), tuple(labels), tuple(groups), tuple(label_names))
 
 
 def _rows(path: Path):
+    """(line, row) per record; a file with none, or one that cannot be read, is a
+    DataError naming the line."""
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: spreadsheet exports
-        if suffix == ".csv":
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                return
-            for row in reader:
-                if None in row or any(v is None for v in row.values()):
-                    raise DataError(f"{path}:{reader.line_num}: expected "
-                                    f"{len(reader.fieldnames)} fields, found a different number")
-                yield reader.line_num, row
-        elif suffix in (".jsonl", ".ndjson"):
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object per line")
-                yield line_no, row
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
+        raise DataError(f"unsupported file type {suffix!r}; use .csv or .jsonl", path=path)
+    raw = path.read_bytes()
+    if b"\x00" in raw:  # UTF-16 or a binary file: valid UTF-8 byte by byte, but not text
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError("holds a NUL byte: not a text file (UTF-16?); save it as UTF-8",
+                        path=path, line=line)
+    try:
+        content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError("not UTF-8 text; save the file as UTF-8", path=path, line=line) from None
+    records = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(path, content)
+    found = False
+    for line_no, row in records:
+        found = True
+        yield line_no, row
+    if not found:
+        if not content.strip():
+            raise DataError("no records (the file is empty)", path=path, line=1)
+        raise DataError("no records after the header", path=path,
+                        line=content.count("\n") + (not content.endswith("\n")) + 1)
+
+
+def _csv_rows(path: Path, content: str):
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    done = 0  # the last line of the last record read
+    try:
+        header = reader.fieldnames or []
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise DataError(f"the header names column {_short(repeated[0])} more than once",
+                            path=path, line=1)
+        done = reader.line_num
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                found = sum(v is not None for k, v in row.items() if k is not None)
+                found += len(row.get(None) or ())
+                spans = (f" (this record runs from line {done + 1}: is a quote left open?)"
+                         if reader.line_num > done + 1 else "")
+                raise DataError(f"expected {len(header)} fields, found {found}{spans}",
+                                path=path, line=reader.line_num)
+            yield reader.line_num, row
+            done = reader.line_num
+    except csv.Error as err:  # a field over the reader's limit, often an unclosed quote
+        raise DataError(f"unreadable CSV in the record after line {done} ({err}; a quote "
+                        "left open makes the rest of the file one field)",
+                        path=path, line=done + 1) from None
+
+
+def _jsonl_rows(path: Path, content: str):
+    for line_no, line in enumerate(io.StringIO(content, newline=""), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON ({err.msg})", path=path, line=line_no) from None
+        except (ValueError, RecursionError) as err:  # huge integers, deep nesting
+            raise DataError(f"unreadable JSON ({_short(str(err))})",
+                            path=path, line=line_no) from None
+        if not isinstance(row, dict):
+            raise DataError("expected a JSON object per line", path=path, line=line_no)
+        yield line_no, row
+
+
+def _as_text(value) -> str | None:
+    """A label or group as text: strings stripped, numbers as written; else None."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)):
+        try:
+            return str(value)
+        except ValueError:  # an integer too long to print
+            return None
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value, limit: int = 120) -> str:
+    """repr(value) short enough for a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def split_by_group(ds: TextDataset, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
