@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.errors import FedcareError
 from common.names import NAME
 from common.privacy.keys import public_key_fingerprint, sign_digest, signature_valid
 
@@ -93,8 +94,9 @@ _OPTIONAL_RULES = {  # checked when present
 }
 
 
-class LedgerError(Exception):
-    """Base class of every ledger problem."""
+class LedgerError(FedcareError):
+    """Base class of every ledger problem; the message names the ledger file (and the
+    line, for a line that cannot be read)."""
 
 
 class LedgerEntryError(LedgerError, ValueError):
@@ -284,11 +286,12 @@ def parse_ledger_bytes(data: bytes) -> tuple[list[tuple[int, dict]], list[tuple[
     complete, tail = lines[:-1], lines[-1]
     for number, raw in enumerate(complete, start=1):
         try:
-            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                               parse_float=_finite_float, parse_int=_int64)
         except UnicodeDecodeError:
             bad.append((number, f"Line {number} is not valid UTF-8 text."))
             continue
-        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, absurd integers
+        except (ValueError, RecursionError) as exc:  # bad JSON, 1e999, huge ints, deep nesting
             detail = (f"{exc.msg} at column {exc.colno}"
                       if isinstance(exc, json.JSONDecodeError) else str(exc))
             bad.append((number, f"Line {number} is not valid JSON ({detail})."))
@@ -474,6 +477,24 @@ def _check_time(value: Any) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a finite number")
+
+
+def _int64(text: str) -> int:
+    """No entry field holds an integer beyond 64 bits; a longer one is not a number any
+    reader can compare or convert to a float."""
+    if len(text.lstrip("-")) > 19 or not -2**63 <= int(text) < 2**63:
+        raise ValueError(f"the integer {text[:24]}{'...' if len(text) > 24 else ''} is "
+                         "beyond 64 bits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number such as 1e999 reads as infinity, which no entry can hold (its hash
+    is computed over canonical JSON, which has no infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def _fsync_directory(directory: Path) -> None:
