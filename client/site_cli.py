@@ -17,6 +17,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from common.errors import run_command
 from common.privacy.keys import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
 )
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedcare site")
     register(parser.add_subparsers(dest="site_command", required=True))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """fedcare: federated, differentially private LoRA fine-tuning for clinical text.
 
 The command is thin: it parses arguments and calls the functions the apps call.
+Bad input (a FedcareError: a config key, a data file's line, a ledger line) is printed
+as one line, ``error: <message>``, with exit status 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from common.config import ConfigError, load_yaml
+from common.config import ConfigError, check_simulation, load_yaml
+from common.errors import RunError, run_command
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -22,24 +25,38 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set expects section.key=value (got {pair!r})")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not a YAML value; quote "
+                              "it, e.g. --set 'data.labels=[a, b]'") from None
     return out
 
 
 def cmd_simulate(args) -> int:
     from simulations.run import simulate
 
-    cfg = load_yaml(args.config, _overrides(args.set))
-    run_dir = simulate(cfg, Path(args.run_dir) if args.run_dir else None, verbose=args.verbose)
+    cfg = check_simulation(load_yaml(args.config, _overrides(args.set)))
+    try:
+        run_dir = simulate(cfg, Path(args.run_dir) if args.run_dir else None,
+                           verbose=args.verbose)
+    except RuntimeError as err:  # the run directory is taken, or the run failed (it says why)
+        raise RunError(str(err)) from None
     print(f"summary: {run_dir / 'summary.json'}")
     return 0
 
 
 def cmd_site_init(args) -> int:
-    from common.privacy.keys import load_or_create_site_key, public_key_fingerprint
+    from common.privacy.keys import (
+        KeyFileError, load_or_create_site_key, public_key_fingerprint,
+    )
 
     state = Path(args.state_dir)
-    key = load_or_create_site_key(state)
+    try:
+        key = load_or_create_site_key(state)
+    except KeyFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"site key: {state / 'site_key.pem'} (private, 0600, never leaves this machine)")
     print(f"public key for the auditor: {state / 'site_key.pub.pem'}")
     print(f"fingerprint: {public_key_fingerprint(key.public_key())}")
@@ -78,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, ValueError, RuntimeError) as err:
-        print(f"fedcare {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

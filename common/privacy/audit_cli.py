@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.errors import run_command
 from common.privacy.keys import KeyFileError
 from common.privacy.report import dataset_summaries, format_epsilon, write_report
 from common.privacy.verify import VerifyInputError, verify_path
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedcare")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":
