@@ -1,9 +1,15 @@
-"""A real deployment on loopback: one SuperLink with TLS and SuperNode authentication,
-three hospitals as real `flower-supernode` processes, the app submitted with
-`flwr run`, and the auditor's checks on what comes back.
+"""A real deployment on loopback, as docs/run_across_hospitals.md tells it: one
+SuperLink with TLS and SuperNode authentication, three hospitals as real
+`flower-supernode` processes, the app submitted with `flwr run`, and the auditor's
+checks on what comes back.
 
-Also two intruders that must not get in: a SuperNode whose key was never
-registered, and one that does not trust the federation's CA.
+The operator's and the hospitals' commands are taken from the guide itself and run
+through bash (`guide_command`), with only the address and ports changed for
+loopback, so a guide command that no longer works fails this test; the operator and
+each hospital have their own folder (`FEDCARE_DIR`), and the commands run from a
+folder that is neither, as the guide promises. Also two intruders that must not get
+in: a SuperNode whose key was never registered, and one that does not trust the
+federation's CA.
 
 Every process runs in its own process group, logs to a file under tmp, is bounded
 by a timeout and is stopped by PID in `finally`; on failure the last lines of every
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,20 +31,55 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import init_certs
+from common.certs import add_site
 from common.privacy.keys import PUBLIC_KEY_FILE, load_or_create_site_key
+from common.privacy.ledger import LEDGER_FILE
 from common.privacy.verify import verify_path
 from tests.conftest import LABELS, write_records, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
 APP_DIR = Path(__file__).resolve().parents[1]
+GUIDE = APP_DIR / "docs" / "run_across_hospitals.md"
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superexec is found by name
-CONNECTION = "fedcare"
-# site -> its own ε budget; site-c allows less than the run's target of 8
-BUDGETS = {"site-a": 8.0, "site-b": 8.0, "site-c": 5.0}
+GUIDE_ADDRESS = "fl.example.org:8000"  # the guide's SuperLink address, made loopback here
+# site -> its lifetime ε budget and its run cap (0: the run's target of 8). site-a is
+# the guide's hospital (24, at most 8 a run); site-c allows less than the target
+BUDGETS = {"site-a": 24.0, "site-b": 8.0, "site-c": 5.0}
+RUN_CAPS = {"site-a": 8.0, "site-b": 0.0, "site-c": 0.0}
+TARGET_EPSILON = 8.0  # privacy.target_epsilon's default
 INTRUDER = "site-x"  # has a key pair, but the operator never registers it
 RUN_TIMEOUT = 360  # seconds for `flwr run --stream`; it took 150-225 s on 2 busy cores
+
+
+def guide_command(first_line: str) -> str:
+    """The guide's command that starts with `first_line` (its first occurrence), whole:
+    with its backslash continuations, its here-document up to EOF, or its loop up to
+    `done`; indented as a list item's block, it is dedented."""
+    lines = GUIDE.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith(first_line)]
+    assert starts, f"{GUIDE.name} no longer shows a command starting {first_line!r}"
+    i = starts[0]
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    command = [lines[i][indent:]]
+    end = "EOF" if "<<EOF" in command[0] else "done" if command[0].startswith("for ") else None
+    while command[-1].endswith("\\") or (end and command[-1] != end):
+        i += 1
+        command.append(lines[i][indent:])
+    return "\n".join(command) + "\n"
+
+
+def fedcare_env(fedcare_dir: Path) -> dict:
+    """Step 0 of the guide for one machine (operator or hospital)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FEDCARE_APP": str(APP_DIR), "FEDCARE_DIR": str(fedcare_dir),
+           "FLWR_HOME": str(fedcare_dir / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)  # the app must come from the FAB, not this checkout
+    fedcare_dir.mkdir(parents=True, exist_ok=True)
+    return env
 
 
 def free_port() -> int:
@@ -49,25 +91,25 @@ def free_port() -> int:
 class Processes:
     """Started processes, each in its own group with its log file; all stopped by PID."""
 
-    def __init__(self, logs: Path, env: dict) -> None:
-        self.logs, self.env = logs, env
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
         self.started: dict[str, subprocess.Popen] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def start(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
         with self.log(name).open("wb") as out:
-            proc = subprocess.Popen(args, cwd=cwd, env=self.env, stdout=out,
+            proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         self.started[name] = proc
         return proc
 
-    def run(self, name: str, args: list[str], cwd: Path, timeout: float) -> int:
+    def run(self, name: str, args: list[str], cwd: Path, env: dict, timeout: float) -> int:
         """Run to completion (bounded); the exit status."""
-        proc = self.start(name, args, cwd)
+        proc = self.start(name, args, cwd, env)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -161,55 +203,51 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    # --- the operator's and the hospitals' files -------------------------------------
-    certs = init_certs(tmp_path / "certs", sites=[*BUDGETS, INTRUDER])
-    keys = {s.name: s for s in certs.sites}
-    model = write_tiny_model(tmp_path / "tiny-bert")
-    (tmp_path / "server").mkdir()
-    test_file = write_records(tmp_path / "server" / "test.csv", 80, seed=99)
-    hospitals = tmp_path / "hospitals"
-    trusted = tmp_path / "trusted-keys"  # the auditor's: handed over by the hospitals
-    trusted.mkdir()
-    node_configs = {}
-    for i, (site, budget) in enumerate(BUDGETS.items()):
-        home = hospitals / site
-        home.mkdir(parents=True)
-        if site != "site-c":  # ledger key made before the run; site-c's at its first round
-            load_or_create_site_key(home / "state")
-            shutil.copy(home / "state" / PUBLIC_KEY_FILE, trusted / f"{site}.pub.pem")
-        data = write_records(home / "notes.csv", 120, seed=i, skew=LABELS[i])
-        node_configs[site] = {"site": site, "data-file": data, "state-dir": home / "state",
-                              "epsilon-budget": budget, "delta": 1e-5,
-                              "text-column": "note", "label-column": "diagnosis"}
-    out_dir = tmp_path / "runs"
-
     port = free_port()
     address = f"127.0.0.1:{port}"
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f"root-certificates = {toml_string(certs.ca_cert)}\n")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)  # the app must come from the FAB, not this checkout
-    procs = Processes(tmp_path / "logs", env)
-    superlink_cwd = tmp_path / "superlink"
-    superlink_cwd.mkdir()
-    timings["files"] = time.monotonic() - t0
+    operator = tmp_path / "operator"  # the operator's FEDCARE_DIR
+    hospitals = tmp_path / "hospitals"  # hospitals/<site>: each hospital's FEDCARE_DIR
+    elsewhere = tmp_path / "elsewhere"  # the folder every command runs from
+    elsewhere.mkdir()
+    op_env = fedcare_env(operator)
+    procs = Processes(tmp_path / "logs")
+
+    def bash(name: str, command: str, env: dict, cwd: Path = elsewhere,
+             timeout: float = 120) -> str:
+        """Run a guide command to completion; its output (it must exit 0)."""
+        rc = procs.run(name, ["bash", "-c", "set -e\n" + command], cwd, env, timeout)
+        out = procs.log(name).read_text(errors="replace")
+        assert rc == 0, f"{name} exited {rc}:\n{command}\n{out}"
+        return out
+
+    def loopback(command: str) -> str:
+        return command.replace(GUIDE_ADDRESS, address)
 
     try:
-        # --- SuperLink: TLS, SuperNode authentication, no runtime installs ----------
-        procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs.ca_cert),
-            "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--database", str(superlink_cwd / "superlink.db"),
-            "--host", "127.0.0.1", "--port", str(port)], cwd=superlink_cwd)
+        # --- step 1: the operator's certificates and the hospitals' keys ----------------
+        bash("certs-init", guide_command("fedcare certs init"), op_env)
+        certs = operator / "certs"
+        add_site(certs, INTRUDER)  # a key pair the operator never registers
+        model = write_tiny_model(tmp_path / "tiny-bert")
+        test_file = write_records(operator / "test.csv", 80, seed=99)
+        trusted = operator / "trusted"  # the auditor's: handed over by the hospitals
+        trusted.mkdir()
+        timings["certs"] = time.monotonic() - t0
+
+        # --- step 2: SuperLink (TLS, SuperNode auth, no runtime installs), connection -
+        superlink = guide_command("flower-superlink")
+        assert "--host 0.0.0.0 --port 8000" in superlink
+        procs.start("superlink", ["bash", "-c", "exec " + superlink.replace(
+            "--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")],
+            elsewhere, op_env)
+        connection = "\n".join([guide_command("flwr config list > /dev/null"),
+                                loopback(guide_command("grep -q '^\\[superlink\\.fedcare\\]'"))])
+        bash("connection", connection + connection + "flwr config list\n", op_env)
+        listed = procs.log("connection").read_text()
+        assert re.search(r"^\s+fedcare$", listed, re.M), listed  # appended once, run twice
+        config_toml = (operator / "flwr" / "config.toml").read_text()
+        assert config_toml.count("[superlink.fedcare]") == 1
+        assert "[superlink.local]" in config_toml  # Flower's own connections are kept
         wait_until(lambda: "Uvicorn running on https://" in
                    procs.log("superlink").read_text(errors="replace")
                    or procs.started["superlink"].poll() is not None,
@@ -217,15 +255,15 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         assert procs.started["superlink"].poll() is None, "the SuperLink exited"
         timings["superlink_up"] = time.monotonic() - t0
 
-        # --- SuperNodes: the hospitals', and two intruders that must be turned away -
+        # --- SuperNodes: two intruders that must be turned away ---------------------
         def supernode(name: str, key: Path, ca: Path | None, node_config: str,
-                      *extra: str) -> subprocess.Popen:
+                      env: dict, *extra: str) -> subprocess.Popen:
             args = [str(BIN / "flower-supernode"), "--superlink", address,
                     "--auth-supernode-private-key", str(key),
                     "--node-config", node_config, "--port", str(free_port()), *extra]
             if ca is not None:
                 args += ["--root-certificates", str(ca)]
-            return procs.start(name, args, cwd=hospitals)
+            return procs.start(name, args, elsewhere, env)
 
         # intruders first, so that their rejection overlaps the registrations
         bad_config = (f"site='{INTRUDER}' data-file={toml_string(tmp_path / 'x.csv')} "
@@ -234,34 +272,56 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         intruders = {
             # a well-formed key the operator never registered
             "intruder-unregistered": (supernode("intruder-unregistered",
-                                                keys[INTRUDER].private_key, certs.ca_cert,
-                                                bad_config, *bounded),
+                                                certs / "sites" / INTRUDER / "auth.key",
+                                                certs / "ca.crt", bad_config, op_env, *bounded),
                                       "Failed to activate SuperNode"),
             # a registered key, but no CA: the SuperLink's certificate is not trusted
-            "intruder-no-ca": (supernode("intruder-no-ca", keys["site-a"].private_key, None,
-                                         bad_config, *bounded),
+            "intruder-no-ca": (supernode("intruder-no-ca", certs / "sites" / "site-a" / "auth.key",
+                                         None, bad_config, op_env, *bounded),
                                "CERTIFICATE_VERIFY_FAILED"),
         }
         intruders_started = time.monotonic()
 
-        for site in BUDGETS:  # the operator registers the hospitals' public keys
-            rc = procs.run(f"register-{site}", [
-                str(BIN / "flwr"), "supernode", "register", str(keys[site].public_key),
-                CONNECTION], cwd=tmp_path, timeout=60)
-            assert rc == 0, f"registering {site} failed (rc {rc})"
-            assert "registered successfully" in procs.log(f"register-{site}").read_text()
+        # --- step 3: the operator registers the hospitals' keys, noting their ids -----
+        bash("register", guide_command("for site in site-a site-b site-c; do"), op_env)
+        nodes = dict(line.split() for line in (operator / "nodes.txt").read_text().splitlines())
+        assert sorted(nodes) == sorted(BUDGETS) and all(i.isdigit() for i in nodes.values())
         timings["registered"] = time.monotonic() - t0
 
-        for i, (site, values) in enumerate(node_configs.items()):
-            pairs = [f"{k} = {toml_string(v) if isinstance(v, (str, Path)) else v}"
-                     for k, v in values.items()]
-            if i == 0:  # a TOML file, as a hospital would keep it
-                config_file = hospitals / site / "node-config.toml"
-                config_file.write_text("\n".join(pairs) + "\n")
-                node_config = str(config_file)
-            else:  # the inline form
-                node_config = " ".join(p.replace(" = ", "=") for p in pairs)
-            supernode(site, keys[site].private_key, certs.ca_cert, node_config)
+        # --- step 4: each hospital's files, policy and SuperNode ---------------------
+        receive = "".join(guide_command(first) for first in (
+            'mkdir -p "$FEDCARE_DIR/certs/sites/site-a"', "cp ca.crt ", "install -m 600 auth.key"))
+        envs = {}
+        for i, (site, budget) in enumerate(BUDGETS.items()):
+            home = hospitals / site
+            envs[site] = env = fedcare_env(home)
+            inbox = tmp_path / "inbox" / site  # what the operator sent, as received
+            inbox.mkdir(parents=True)
+            shutil.copy(certs / "ca.crt", inbox / "ca.crt")
+            shutil.copy(certs / "sites" / site / "auth.key", inbox / "auth.key")
+            bash(f"receive-{site}", receive.replace("site-a", site), env, cwd=inbox)
+            assert (home / "certs" / "sites" / site / "auth.key").stat().st_mode & 0o077 == 0
+            write_records(home / "data" / "notes.csv", 120, seed=i, skew=LABELS[i])
+        # site-a, the guide's hospital: its node config file and ledger key, as shown
+        bash("node-config-site-a", guide_command('cat > "$FEDCARE_DIR/node-config.toml"'),
+             envs["site-a"])
+        bash("site-init-site-a", guide_command('fedcare site init "$FEDCARE_DIR/state"'),
+             envs["site-a"])
+        load_or_create_site_key(hospitals / "site-b" / "state")  # site-c's: at its 1st round
+        for site in ("site-a", "site-b"):
+            shutil.copy(hospitals / site / "state" / PUBLIC_KEY_FILE, trusted / f"{site}.pub.pem")
+        procs.start("site-a", ["bash", "-c", "exec " + loopback(guide_command(
+            "flower-supernode --superlink")).rstrip() + f" --port {free_port()}"],
+            elsewhere, envs["site-a"])
+        for site in ("site-b", "site-c"):  # the inline node config
+            home = hospitals / site
+            values = {"site": site, "data-file": home / "data" / "notes.csv",
+                      "state-dir": home / "state", "epsilon-budget": BUDGETS[site],
+                      "delta": 1e-5, "text-column": "note", "label-column": "diagnosis"}
+            inline = " ".join(f"{k}={toml_string(v) if isinstance(v, (str, Path)) else v}"
+                              for k, v in values.items())
+            supernode(site, home / "certs" / "sites" / site / "auth.key",
+                      home / "certs" / "ca.crt", inline, envs[site])
 
         for name, (proc, reason) in intruders.items():
             left = 60 - (time.monotonic() - intruders_started)
@@ -273,26 +333,35 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             assert reason in procs.log(name).read_text(errors="replace"), name
         timings["intruders_rejected"] = time.monotonic() - t0
 
-        # --- the operator submits the app ---------------------------------------------
-        run_config = write_run_config(tmp_path / "run-config.toml", model, test_file, out_dir)
-        rc = procs.run("flwr-run", [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION,
-                                    "--run-config", str(run_config), "--stream"],
-                       cwd=tmp_path, timeout=RUN_TIMEOUT)
+        # --- step 5: the operator submits the app -----------------------------------
+        out_dir = operator / "runs"
+        write_run_config(operator / "run.toml", model, test_file, out_dir)
+        run = guide_command('flwr run "$FEDCARE_APP" fedcare')
+        rc = procs.run("flwr-run", ["bash", "-c", run], elsewhere, op_env, RUN_TIMEOUT)
         timings["run_done"] = time.monotonic() - t0
         assert rc == 0, f"flwr run exited {rc}"
-        runs = sorted(out_dir.glob("*/summary.json")) if out_dir.is_dir() else []
+        stream = procs.log("flwr-run").read_text(errors="replace")
+        assert "Successfully started run" in stream
         errors = [p.read_text() for p in out_dir.glob("*/error.txt")] if out_dir.is_dir() else []
-        assert len(runs) == 1, (f"no run directory with summary.json in {out_dir} {errors}; "
-                                "`flwr run` exits 0 even when the ServerApp fails: see the "
-                                "flwr-run log below")
+        # success as the guide tells it: no Exit Code line, finished:completed, no error.txt
+        assert "Exit Code" not in stream and not errors, (
+            f"the run failed: {errors}; `flwr run` exits 0 even when the ServerApp fails: "
+            "see the flwr-run log below")
+        bash("flwr-ls", "flwr ls fedcare --format json", op_env)
+        listed = json.loads(procs.log("flwr-ls").read_text())
+        assert [r["status"] for r in listed["runs"]] == ["finished:completed"], listed
+        runs = sorted(out_dir.glob("*/summary.json"))
+        assert len(runs) == 1, f"no run directory with summary.json in {out_dir}"
         run_dir = runs[0].parent
+        assert f"run directory {run_dir}" in stream  # the last line the guide names
 
         # --- what the server kept -------------------------------------------------------
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["private"] is True and summary["rounds"] == 2
         assert summary["sites"] == sorted(BUDGETS)  # the intruders never joined
         for site, budget in BUDGETS.items():
-            assert 0 < summary["epsilon_per_site"][site] <= budget + 1e-9, site
+            spend = min(budget, RUN_CAPS[site] or TARGET_EPSILON)  # what this run may spend
+            assert 0 < summary["epsilon_per_site"][site] <= spend + 1e-9, site
         assert summary["secure_aggregation"]["rounds"] == {"1": True, "2": True}
         assert summary["audit"]["verified"] is True
         assert 0.0 <= summary["test"]["accuracy"] <= 1.0
@@ -300,14 +369,18 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         base = build_base(str(model), len(LABELS))
         PeftModel.from_pretrained(base, str(run_dir / "adapter"))
 
-        # --- the auditor: ledgers in the run directory and at each hospital -----------
+        # --- each hospital: its ledger where the guide says, its node id in its log ---
+        status = bash("site-status-site-a",
+                      guide_command('fedcare site status "$FEDCARE_DIR/state"'), envs["site-a"])
+        assert f"ledger {hospitals / 'site-a' / 'state' / LEDGER_FILE}" in status, status
         shutil.copy(hospitals / "site-c" / "state" / PUBLIC_KEY_FILE, trusted / "site-c.pub.pem")
         for site, budget in BUDGETS.items():
-            state = hospitals / site / "state"
-            own = verify_path(state / "ledger.jsonl", trusted)
+            log = procs.log(site).read_text(errors="replace")
+            assert f"SuperNode ID: {nodes[site]}" in log, site  # the id in nodes.txt
+            ledger = hospitals / site / "state" / LEDGER_FILE
+            own = verify_path(ledger, trusted)
             assert own.ok and own.sites[0].keys_pinned, [p.message for p in own.problems]
-            entries = [json.loads(line) for line in
-                       (state / "ledger.jsonl").read_text().splitlines()]
+            entries = [json.loads(line) for line in ledger.read_text().splitlines()]
             # the noisy size (in the clear), then two updates masked by SecAgg+, under
             # the node config's budget and δ; no evaluation (off by default at a hospital)
             assert [(e["kind"], e["round"], e["secure_aggregation"], e["epsilon_budget"],
@@ -315,12 +388,13 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
                                                        ("train", 1, True, budget, 1e-5),
                                                        ("train", 2, True, budget, 1e-5)]
             # the hospital's own SuperNode log says what it released, line by line
-            released = [line for line in procs.log(site).read_text(errors="replace")
-                        .splitlines() if f"fedcare site {site}: release " in line]
+            released = [line for line in log.splitlines()
+                        if f"fedcare site {site}: release " in line]
             assert all("ε spent" in line for line in released)
             assert {line.rsplit("ledger seq ", 1)[1][0] for line in released} == {"0", "1", "2"}
-            assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == \
-                (state / "ledger.jsonl").read_text()
+            assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == ledger.read_text()
+
+        # --- step 6: the auditor -------------------------------------------------------
         report = verify_path(run_dir)
         assert report.ok, [p.message for p in report.problems]
         pinned = verify_path(run_dir, trusted)
