@@ -37,7 +37,7 @@ def site_from_context(cfg: Config, context: Context) -> Site:
     node = from_node_config(context.node_config)
     if node.data_file:
         return _deployed_site(cfg, node)
-    sites, test = federated_data(cfg.data, node.num_partitions, cfg.site.min_val_records)
+    data, label_names = _simulated_data(cfg, node)
     name = check_name("site name", node.site or f"site{node.partition_id}")
     s = cfg.site
     policy = Policy(node.epsilon_budget or s.budget_of(node.partition_id),
@@ -45,8 +45,25 @@ def site_from_context(cfg: Config, context: Context) -> Site:
                     s.max_noise_multiplier, count_noise=cfg.privacy.count_noise)
     state = (Path(node.state_dir) if node.state_dir
              else Path(s.state_dir) / name if s.state_dir else None)
-    return Site(name, sites[node.partition_id], test.label_names, policy, state,
-                cfg.privacy.enabled)
+    return Site(name, data, label_names, policy, state, cfg.privacy.enabled)
+
+
+def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str, ...]]:
+    """A simulated site's (train, val) and the label names. With one file per site it
+    reads its own file only (another site's bad file is that site's failure); the
+    embedded data set is one pool, shared out the same way at every site."""
+    d, site = cfg.data, node.partition_id
+    if d.source != "files":
+        sites, test = federated_data(d, node.num_partitions, cfg.site.min_val_records)
+        return sites[site], test.label_names
+    if len(d.site_files) != node.num_partitions:
+        raise DataError(f"data.site_files must list one file per simulated site "
+                        f"({node.num_partitions}); it lists {len(d.site_files)}")
+    records = process_cached(
+        ("records", d.site_files[site], d.text_column, d.label_column, d.labels),
+        lambda: read_records(d.site_files[site], d.text_column, d.label_column, d.labels))
+    return (site_split(records, d.val_fraction, d.seed + site, cfg.site.min_val_records),
+            tuple(d.labels))
 
 
 def _deployed_site(cfg: Config, node: NodeConfig) -> Site:

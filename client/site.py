@@ -26,6 +26,7 @@ from flwr.client import NumPyClient
 from flwr.common.logger import log
 
 from client.budget import SiteGuard
+from client.replies import ReplyStore
 from client.node import LOG_FILE, Site, simulated_state_dir, site_from_context
 from client.training import PrivateStep, train_plain, train_private
 from common.config import Config
@@ -353,6 +354,11 @@ def _load_or_make_features(path: Path, data: Encoded, make) -> Features:
     return feats
 
 
+class _NoStore:
+    def put(self, *_args) -> None:
+        pass
+
+
 class SiteClient(NumPyClient):
     """Flower's view of a site: arrays in, declared releases out."""
 
@@ -372,15 +378,37 @@ class SiteClient(NumPyClient):
                 self.trainer.cfg, run_id, site.name))
         return run_id
 
+    def _kept(self, phase: str, run_id: str, round_no: int, secure: bool):
+        """The store of replies, and the reply already sent for this round, if any (a
+        resumed server asks again; the same bytes release nothing new)."""
+        if self.trainer.site.state_dir is None:  # nowhere to keep it: answer afresh
+            return _NoStore(), None
+        replies = ReplyStore(self.trainer.site.state_dir, run_id)
+        kept = replies.get(phase, round_no, secure)
+        if kept is not None:
+            self.trainer.say(f"round {round_no}: asked again for its {phase} (the server "
+                             "resumed); sending the reply already released")
+        return replies, kept
+
     def fit(self, parameters, config):
         run_id = self._bind(config)
-        set_adapter_arrays(self.trainer.model, parameters)
-        out = self.trainer.fit(int(config[Keys.ROUND]), int(config[Keys.NUM_ROUNDS]), run_id,
-                               secure=bool(config.get(Keys.SECURE_AGGREGATION, False)))
+        round_no = int(config[Keys.ROUND])
+        secure = bool(config.get(Keys.SECURE_AGGREGATION, False))
+        replies, out = self._kept("fit", run_id, round_no, secure)
+        if out is None:
+            set_adapter_arrays(self.trainer.model, parameters)
+            out = self.trainer.fit(round_no, int(config[Keys.NUM_ROUNDS]), run_id, secure)
+            replies.put("fit", round_no, secure, out)
         return out["arrays"], out["num_examples"], out["metrics"]
 
     def evaluate(self, parameters, config):
         run_id = self._bind(config)
-        set_adapter_arrays(self.trainer.model, parameters)
-        return self.trainer.evaluate(int(config.get(Keys.ROUND, 0)),
-                                     int(config.get(Keys.NUM_ROUNDS, 0)), run_id)
+        round_no = int(config.get(Keys.ROUND, 0))
+        replies, out = self._kept("evaluate", run_id, round_no, False)
+        if out is None:
+            set_adapter_arrays(self.trainer.model, parameters)
+            loss, total, metrics = self.trainer.evaluate(
+                round_no, int(config.get(Keys.NUM_ROUNDS, 0)), run_id)
+            out = {"loss": loss, "num_examples": total, "metrics": metrics}
+            replies.put("evaluate", round_no, False, out)
+        return out["loss"], out["num_examples"], out["metrics"]

@@ -14,9 +14,8 @@ from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.default_workflows import default_fit_workflow
-from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from common.config import Config, FederationConfig, from_run_config
 from common.data import held_out
@@ -26,6 +25,8 @@ from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
                           save_adapter, set_adapter_arrays, encoder_arrays)
 from server.optimizer import build_strategy, describe
+from server import checkpoint
+from server.rounds import PlainFit, Rounds, site_evaluate
 from server.run_log import RunRecorder, format_metric
 from server.strategy import SiteAwareStrategy
 
@@ -37,7 +38,8 @@ class FitWorkflow:
     """The fit step of a round: SecAgg+ or plain, by setting and by sites taking part.
 
     'on' refuses to aggregate in the clear: with fewer than 3 sites in a round the run
-    stops with a reason. 'auto' uses SecAgg+ whenever 3 or more sites take part.
+    stops with a reason. 'auto' uses SecAgg+ whenever 3 or more sites take part. Both
+    wait at most federation.round_timeout for the sites.
     """
 
     MIN_SITES = 3
@@ -46,7 +48,9 @@ class FitWorkflow:
         self.mode, self.strategy = fed.secure_aggregation, strategy
         self.secagg = SecAggPlusWorkflow(
             num_shares=1.0, reconstruction_threshold=fed.secagg_threshold,
-            max_weight=fed.secagg_max_weight, clipping_range=fed.secagg_clipping_range)
+            max_weight=fed.secagg_max_weight, clipping_range=fed.secagg_clipping_range,
+            timeout=fed.round_timeout)
+        self.plain = PlainFit(fed.round_timeout)
         self.rounds: dict[int, bool] = {}
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -57,8 +61,8 @@ class FitWorkflow:
                 f"federation.secure_aggregation is 'on' but only {sites} site(s) take part; "
                 f"SecAgg+ needs at least {self.MIN_SITES}, and fedcare will not aggregate "
                 "in the clear instead")
-        self.rounds[len(self.rounds) + 1] = secure
-        (self.secagg if secure else default_fit_workflow)(grid, context)
+        self.rounds[context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]] = secure
+        (self.secagg if secure else self.plain)(grid, context)
 
 
 def run_dir_for(cfg: Config, run_id: int | str) -> Path:
@@ -66,15 +70,22 @@ def run_dir_for(cfg: Config, run_id: int | str) -> Path:
     return Path(cfg.simulation.output_dir).resolve() / name
 
 
-def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict:
-    recorder = RunRecorder(run_dir, cfg)
+def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
+               resume: bool = False, deployed: bool = False) -> dict:
+    """Run the rounds into `run_dir`; with `resume`, go on after the round its
+    checkpoint holds (the same run: same directory, same run id)."""
+    saved = checkpoint.load(run_dir) if resume else None
+    if saved:
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # the reason the last attempt stopped
+    recorder = RunRecorder(run_dir, cfg, resume_after=saved.round if saved else None,
+                           deployed=deployed)
     run_id = run_dir.name
     _, test = held_out(cfg.data)
     device = pick_device(cfg.train.device)
     model = build_model(cfg.model.base_model, len(test.label_names), cfg.lora,
                         cfg.model.pooling).to(device)
     tokenizer = load_tokenizer(cfg.model.base_model)
-    initial = get_adapter_arrays(model)
+    initial = saved.adapter if saved else get_adapter_arrays(model)
     test_data = encode(test, tokenizer, cfg.model.max_length)
     fed = cfg.federation
     final: dict = {}
@@ -105,21 +116,37 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
         fit_metrics_aggregation_fn=weighted_mean,
         evaluate_metrics_aggregation_fn=weighted_mean,
     )
+    fit_workflow = FitWorkflow(fed, inner)
     frozen = encoder_arrays(model)  # a head round sends them empty; the server keeps its own
     strategy = SiteAwareStrategy(
-        inner, [a.shape for a in initial], recorder.record,
-        frozen=lambda r: frozen if r <= cfg.train.head_rounds else ())
+        inner, [a.shape for a in initial], recorder.record, max_weight=fed.max_site_examples,
+        frozen=lambda r: frozen if r <= cfg.train.head_rounds else (),
+        norm_bound=fed.update_norm_bound, min_sites=fed.min_sites,
+        min_completion=fed.min_completion, secure=lambda r: fit_workflow.rounds.get(r, False))
+    if saved:
+        checkpoint.restore(saved, strategy)
+        recorder.say(f"resuming after round {saved.round} of {fed.num_rounds} from "
+                     f"{run_dir / checkpoint.CHECKPOINT_FILE}")
+
+    def after_round(round_no: int, ctx: LegacyContext) -> None:
+        adapter = ctx.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+        strategy.outcomes.setdefault(round_no, "skipped: no site was asked to train")
+        checkpoint.save(run_dir, checkpoint.capture(round_no, run_id, adapter, strategy))
+
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
-    fit_workflow = FitWorkflow(fed, inner)
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    Rounds(fit_workflow, site_evaluate(fed.round_timeout), first=saved.round + 1 if saved else 1,
+           last=fed.num_rounds, after_round=after_round,
+           initial=ndarrays_to_parameters(saved.adapter) if saved else None)(grid, legacy)
 
+    skipped = {r: why for r, why in sorted(strategy.outcomes.items()) if why != "aggregated"}
+    rounds = {"rounds_aggregated": strategy.steps,
+              "rounds_skipped": {str(r): why for r, why in skipped.items()}}
     if strategy.steps == 0:  # an untrained adapter must not pass for this run's result
-        failed = sorted({f"{r.get(Keys.SITE)}: {r.get(Keys.REFUSED) or r.get('status')}"
-                         for r in recorder.rows if r["phase"] == "train"})
-        recorder.summary(final, {"rounds_aggregated": 0})
+        recorder.summary(final, rounds)
         raise RuntimeError("no round aggregated any update, so no adapter is saved; what "
-                           f"the sites answered: {failed[:3] or 'nothing'} (metrics.jsonl)")
+                           f"the sites answered: {recorder.site_problems(3) or 'nothing'} "
+                           "(metrics.jsonl)")
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model,
                  cfg.model.max_length)
@@ -135,8 +162,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
     split = {k: round(v, 1) for k, v in split.items()}
     recorder.say("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in split.items())
                  + " (the first fit includes the sites' start-up: model, tokens, features)")
-    summary = recorder.summary(final, {"time_split_seconds": split, "audit": audit,
-                                       "rounds_aggregated": strategy.steps,
+    summary = recorder.summary(final, {"time_split_seconds": split, "audit": audit, **rounds,
                                        "secure_aggregation": {
         "setting": fed.secure_aggregation,
         "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}},
@@ -149,11 +175,19 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path) -> dict
                      + (f" ({facts['refused']})" if facts.get("refused") else ""))
     recorder.say(f"test accuracy {final.get('accuracy', float('nan')):.3f}, "
                  f"macro-F1 {final.get('macro_f1', float('nan')):.3f}; run directory {run_dir}")
+    if len(skipped) > fed.max_failed_rounds * fed.num_rounds:
+        raise RuntimeError(
+            f"{len(skipped)} of {fed.num_rounds} rounds were skipped, more than "
+            f"federation.max_failed_rounds={fed.max_failed_rounds:g} allows: "
+            + "; ".join(f"round {r}: {why}" for r, why in list(skipped.items())[:3])
+            + " (the adapter is saved, but this run did not do what it was asked)")
     return summary
 
 
-def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerApp:
-    """`cfg` given: in-process simulation; None: read Flower's run config."""
+def build_app(cfg: Config | None = None, run_dir: Path | None = None,
+              resume: bool = False) -> ServerApp:
+    """`cfg` given: in-process simulation; None: read Flower's run config. `resume`
+    (or federation.resume in the run config): go on from the run directory's checkpoint."""
     app = ServerApp()
 
     @app.main()
@@ -163,7 +197,8 @@ def build_app(cfg: Config | None = None, run_dir: Path | None = None) -> ServerA
         # while the sites wait, so it keeps torch's default of every core
         target = run_dir or run_dir_for(config, context.run_id)
         try:
-            run_server(grid, context, config, target)
+            run_server(grid, context, config, target, resume=resume or config.federation.resume,
+                       deployed=cfg is None)
         except Exception as err:  # keep the reason where the operator looks for the run
             target.mkdir(parents=True, exist_ok=True)
             (target / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")

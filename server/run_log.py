@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from common.config import Config, dump_yaml
 from common.keys import Keys
 from common.metrics import weighted_mean
@@ -45,20 +47,52 @@ def _clean(value):
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path, cfg: Config, out=sys.stdout) -> None:
+    """`resume_after`: the run directory holds this run up to that round (its
+    checkpoint's); rows of later rounds, written before the server stopped, are
+    dropped and written again as the rounds are. `deployed`: the sites are real, so
+    the config's simulation and site sections, which describe simulated sites, are
+    left out of config.yaml (each site's own δ and budget go to summary.json)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, out=sys.stdout,
+                 resume_after: int | None = None, deployed: bool = False) -> None:
         self.dir = Path(run_dir)
-        if (self.dir / "metrics.jsonl").exists() or (self.dir / "summary.json").exists():
+        metrics = self.dir / "metrics.jsonl"
+        if (self.dir / "summary.json").exists() or (metrics.exists() and resume_after is None):
             raise RuntimeError(f"{self.dir} already holds a run, and a run directory holds "
-                               "one run: choose another simulation.run_name")
+                               "one run: choose another simulation.run_name"
+                               + ("" if resume_after is None else " (this one has finished)"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.out = cfg, out
         self.start = time.perf_counter()
         self.rows: list[dict] = []
         self.warned: set[str] = set()
         self.bad_names: set[str] = set()
-        (self.dir / "config.yaml").write_text(dump_yaml(cfg))
-        self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if resume_after is None:
+            (self.dir / "config.yaml").write_text(_config_text(cfg, deployed))
+        else:
+            self._keep_rows(metrics, resume_after)
+        self._metrics = metrics.open("a", encoding="utf-8")
         self.say(f"fedcare run {self.dir} — {privacy_label(cfg)}")
+
+    def _keep_rows(self, metrics: Path, last_round: int) -> None:
+        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the line a kill cut short
+            if isinstance(row, dict) and row.get("round", last_round + 1) <= last_round:
+                self.rows.append(row)
+        partial = metrics.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows),
+                           encoding="utf-8")
+        partial.replace(metrics)
+
+    def site_problems(self, limit: int = 0) -> list[str]:
+        """'site: why' for every reply not accepted (refused, rejected, failed)."""
+        out = sorted({f"{site}: {p['status']}" for site, found in self._problems().items()
+                      for p in found})
+        return out[:limit] if limit else out
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -161,7 +195,7 @@ class RunRecorder:
             parts.append("NON-PRIVATE")
         if any(r.get(Keys.SECURE_AGGREGATION) for r in self._phase("train", round_no)):
             parts.append("SecAgg+")
-        refused = [r[Keys.SITE] for r in self._phase("train", round_no)
+        refused = [f"{r[Keys.SITE]} ({_short(r)})" for r in self._phase("train", round_no)
                    if r.get("status") != "accepted"]
         if refused:
             parts.append(f"no update from {', '.join(refused)}")
@@ -204,6 +238,27 @@ class RunRecorder:
         except (OSError, ValueError, KeyError, TypeError):
             return None  # an unreadable ledger is the auditor's finding
 
+    def _site_budget(self, site: str) -> float | None:
+        """The lifetime ε budget the site's own ledger states (its last train row's)."""
+        for r in reversed(self.rows):
+            if r["phase"] == "train" and r[Keys.SITE] == site and r.get(BUDGET) is not None:
+                return r[BUDGET]
+        return None
+
+    def _problems(self) -> dict:
+        """Per site: each reply that was not accepted (refused, rejected, failed), with
+        its round, phase and reason."""
+        out: dict[str, list] = {}
+        for r in self.rows:
+            status = r.get("status", "accepted")
+            if r["phase"] in ("train", "evaluate") and r[Keys.SITE] != ALL_SITES and (
+                    status != "accepted" or r.get(Keys.REFUSED) or r.get(Keys.ERROR)):
+                why = (f"refused: {r.get(Keys.REFUSED)}" if r.get(Keys.REFUSED) else
+                       f"error: {r.get(Keys.ERROR)}" if r.get(Keys.ERROR) else status)
+                out.setdefault(str(r[Keys.SITE]), []).append(
+                    {"round": r["round"], "phase": r["phase"], "status": why})
+        return out
+
     def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
         sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"
                         and r[Keys.SITE] != "?"})
@@ -221,6 +276,9 @@ class RunRecorder:
             "epsilon_per_site": epsilon if self.cfg.privacy.enabled else None,
             "delta": self.cfg.privacy.delta if self.cfg.privacy.enabled else None,  # target
             "delta_per_site": delta if self.cfg.privacy.enabled else None,
+            "epsilon_budget_per_site": {s: self._site_budget(s) for s in sites}
+            if self.cfg.privacy.enabled else None,
+            "problems_per_site": self._problems(),
             "bytes_sent_per_site_per_round": bytes_sent,
             "wall_seconds": round(time.perf_counter() - self.start, 2),
             "personalization": self._personalization(),
@@ -229,6 +287,16 @@ class RunRecorder:
         (self.dir / "summary.json").write_text(json.dumps(out, indent=2, sort_keys=True))
         self._metrics.close()
         return out
+
+
+def _config_text(cfg: Config, deployed: bool) -> str:
+    if not deployed:
+        return dump_yaml(cfg)
+    run = {k: v for k, v in cfg.to_dict().items() if k not in ("simulation", "site")}
+    return ("# a deployed run: the sites are the hospitals in summary.json, each with its own\n"
+            "# δ and ε budget (delta_per_site, epsilon_budget_per_site); the simulation and\n"
+            "# site sections of the run config describe simulated sites and are left out\n"
+            + yaml.safe_dump(run, sort_keys=False))
 
 
 BUDGET, BUDGET_LEFT, PRIOR_EPSILON = "epsilon_budget", "epsilon_left", "epsilon_before_run"
@@ -263,6 +331,13 @@ def _split_personalized(row: dict) -> dict:
 def _evaluated(row: dict) -> bool:
     """A site row that carries evaluation metrics: not withheld, not failed."""
     return row.get(Keys.EVALUATED, True) is not False and not row.get(Keys.ERROR)
+
+
+def _short(row: dict) -> str:
+    """Why a site sent no usable update, in a few words."""
+    if row.get("status") == "refused":
+        return f"refused: {row.get(Keys.REFUSED)}"
+    return str(row.get("status"))[:70]
 
 
 def format_metric(value: float | None) -> str:

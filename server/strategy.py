@@ -27,6 +27,7 @@ site's cached encoder features would go stale).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from typing import Callable, Sequence
@@ -40,6 +41,7 @@ from flwr.server.strategy import Strategy
 
 from common.keys import Keys
 from common.names import check_name
+from server.inputs import bound_norm, check_arrays, check_metrics, check_weight
 
 log = logging.getLogger("fedcare.server")
 
@@ -48,20 +50,26 @@ SiteRows = Callable[[str, int, list[dict]], None]  # (phase, round, rows)
 
 class SiteAwareStrategy(Strategy):
     def __init__(self, inner: Strategy, shapes: Sequence[tuple[int, ...]],
-                 record: SiteRows, max_examples: int = 10_000_000,
-                 frozen: Callable[[int], Sequence[int]] = lambda _round: ()) -> None:
+                 record: SiteRows, max_weight: int = 10_000_000,
+                 frozen: Callable[[int], Sequence[int]] = lambda _round: (),
+                 norm_bound: float = 0.0, min_sites: int = 1, min_completion: float = 0.0,
+                 secure: Callable[[int], bool] = lambda _round: False) -> None:
         if not shapes:
             raise ValueError("shapes must list the adapter tensors (got none); "
                              "without them no update can be checked")
         self.inner = inner
         self.shapes = [tuple(s) for s in shapes]
         self.record = record
-        self.max_examples = max_examples
+        self.max_weight, self.norm_bound = max_weight, norm_bound
+        self.min_sites, self.min_completion = min_sites, min_completion
+        self.secure = secure
         self.steps = 0  # server steps taken: rounds whose aggregate moved the adapter
         self.dtypes: list[np.dtype] | None = None
         self.frozen = frozen
         self.clock = PhaseClock()
         self.sent: dict[int, list[np.ndarray]] = {}  # round -> the global adapter sent
+        self.asked: dict[int, set[str]] = {}  # round -> the nodes asked to train
+        self.outcomes: dict[int, str] = {}  # round -> "aggregated" or "skipped: why"
         self.owners: dict[str, str] = {}  # site name -> the node id that first used it
         self.names: dict[str, str] = {}   # node id -> the site name it first used
 
@@ -77,9 +85,10 @@ class SiteAwareStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self.clock.begin("fit" if server_round > 1 else "first_fit")
-        if self.frozen(server_round):
-            self.sent = {server_round: parameters_to_ndarrays(parameters)}
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        self.sent = {server_round: parameters_to_ndarrays(parameters)}
+        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        self.asked[server_round] = {str(proxy.cid) for proxy, _ in instructions}
+        return instructions
 
     def _keep_frozen(self, server_round: int, parameters: Parameters) -> Parameters:
         frozen = self.frozen(server_round)
@@ -120,72 +129,115 @@ class SiteAwareStrategy(Strategy):
         self.owners[claimed], self.names[node] = node, claimed
         return claimed, ""
 
-    def _row(self, proxy: ClientProxy, metrics: dict, **extra) -> tuple[dict, str]:
-        """The run log's row of a reply, and '' or why its sender is not accepted (then
-        what it claims, ledger included, is not kept)."""
+    def _row(self, phase: str, proxy: ClientProxy, metrics: dict,
+             num_examples) -> tuple[dict, str]:
+        """The run log's row of a reply, and '' or why it is not accepted: its sender's
+        name is not its own, or its metrics are not what a site sends. Nothing else
+        of a rejected reply is kept (its ledger, its values)."""
         name, problem = self.identify(proxy, metrics)
-        row = {**metrics, **extra, Keys.SITE: name}
+        problem = problem or check_metrics(phase, metrics)
         if problem:
-            for key in (Keys.LEDGER, Keys.LEDGER_HEAD, Keys.SITE_PUBLIC_KEY):
-                row.pop(key, None)
-            row["status"] = f"rejected: {problem}"
-            log.warning("update from node %s rejected: %s", proxy.cid, problem)
-        return row, problem
+            log.warning("%s reply of node %s (%s) rejected: %s", phase, proxy.cid, name,
+                        problem)
+            return {Keys.SITE: name, "status": f"rejected: {problem}"}, problem
+        return {**metrics, "num_examples": num_examples, Keys.SITE: name}, ""
 
-    def check_update(self, res: FitRes, server_round: int = 0) -> str:
-        """'' if the update may be averaged, else why not."""
-        if not 0 < res.num_examples <= self.max_examples:
-            return f"num_examples {res.num_examples} outside (0, {self.max_examples}]"
-        arrays = parameters_to_ndarrays(res.parameters)
-        if len(arrays) != len(self.shapes):
-            return f"{len(arrays)} tensors, expected {len(self.shapes)}"
-        frozen = set(self.frozen(server_round))
-        for i, (a, shape) in enumerate(zip(arrays, self.shapes)):
-            expected = (0,) if i in frozen else shape
-            if a.shape != expected:
-                return f"tensor {i} has shape {a.shape}, expected {expected}"
-            kept = a if self.dtypes is None else a.astype(self.dtypes[i])  # as it would be kept
-            if not np.isfinite(a).all() or not np.isfinite(kept).all():
-                return f"tensor {i} has NaN or infinite values (or overflows {kept.dtype})"
-        return ""
+    def _failed(self, phase: str, server_round: int, failures: list, answered: set[str],
+                asked: set[str]) -> list[dict]:
+        """A row per site that failed or did not answer, under the name its node used."""
+        rows, named = [], set()
+        for failure in failures:
+            node = _node_of(failure)
+            named.add(node)
+            rows.append({Keys.SITE: self._name_of(node),
+                         "status": f"failed: {failure_reason(failure)}"})
+        for node in sorted(asked - answered - named):
+            rows.append({Keys.SITE: self._name_of(node),
+                         "status": "failed: no answer within federation.round_timeout"})
+        for row in rows:
+            log.warning("round %s: %s of %s %s", server_round, phase, row[Keys.SITE],
+                        row["status"])
+        return rows
+
+    def _name_of(self, node: str | None) -> str:
+        return "?" if node is None else self.names.get(node, f"node-{node}")
+
+    def required(self, server_round: int, answered: int) -> int:
+        """Accepted updates a round needs: federation.min_sites, and min_completion of
+        the sites asked."""
+        asked = len(self.asked.get(server_round, ())) or answered
+        return max(self.min_sites, math.ceil(self.min_completion * asked - 1e-9))
 
     def aggregate_fit(self, server_round: int,
                       results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         self.clock.end()
-        accepted, rows = [], []
+        secure = self.secure(server_round)
+        accepted, rows, rejected = [], [], 0
         for proxy, res in results:
-            row, unknown = self._row(proxy, dict(res.metrics), num_examples=res.num_examples)
-            if unknown:
-                pass  # its row says why; nothing it sent is used
-            elif row.get(Keys.REFUSED):
+            row, problem = self._row("train", proxy, dict(res.metrics), res.num_examples)
+            if not problem and row.get(Keys.REFUSED):
                 row["status"] = "refused"
-            else:
-                problem = self.check_update(res, server_round)
+            elif not problem:
+                problem = self.check_update(res, server_round, secure)
                 row["status"] = f"rejected: {problem}" if problem else "accepted"
                 if problem:
                     log.warning("round %s: update of %s rejected: %s",
                                 server_round, row[Keys.SITE], problem)
                 else:
-                    res.parameters = self._keep_frozen(server_round, res.parameters)
                     accepted.append((proxy, res))
+            rejected += bool(problem)
             rows.append(row)
-        rows += [{Keys.SITE: "?", "status": f"failed: {failure_reason(f)}"} for f in failures]
+        asked = self.asked.get(server_round, set())
+        rows += self._failed("train", server_round, failures,
+                             {str(p.cid) for p, _ in results}, asked)
         self.record("train", server_round, rows)
-        if not accepted:
-            log.warning("round %s: no update to aggregate; the global adapter is unchanged",
-                        server_round)
+        need = self.required(server_round, len(results))
+        if secure and rejected:  # inside the secure sum already: the sum is not used
+            why = f"{rejected} rejected update(s) are inside the secure sum"
+        elif len(accepted) < need:
+            why = f"{len(accepted)} accepted update(s), {need} needed"
+        else:
+            why = ""
+        if why:
+            self.outcomes[server_round] = f"skipped: {why}"
+            log.warning("round %s skipped (%s); the global adapter is unchanged",
+                        server_round, why)
             return None, {}
         parameters, metrics = self.inner.aggregate_fit(self.steps + 1, accepted, [])
         if parameters is None:
+            self.outcomes[server_round] = "skipped: the aggregation rule returned nothing"
             return None, metrics
         self.steps += 1
+        self.outcomes[server_round] = "aggregated"
         parameters = self._keep_frozen(server_round, parameters)
         if self.dtypes is not None:
             arrays = parameters_to_ndarrays(parameters)
             parameters = ndarrays_to_parameters(
                 [a.astype(d, copy=False) for a, d in zip(arrays, self.dtypes)])
         return parameters, metrics
+
+    def check_update(self, res: FitRes, server_round: int = 0, secure: bool = False) -> str:
+        """'' if the update may be averaged (then `res` holds it as it will be: frozen
+        tensors filled in, its weight capped, its change norm-bounded), else why not.
+        Under SecAgg+ `res` holds the secure mean: the checks are the aggregate's."""
+        weight, problem = check_weight(res.num_examples, self.max_weight)
+        arrays = parameters_to_ndarrays(res.parameters)
+        problem = problem or check_arrays(arrays, self.shapes, self.dtypes,
+                                          set(self.frozen(server_round)))
+        if problem:
+            return problem
+        res.num_examples = weight
+        res.parameters = self._keep_frozen(server_round, res.parameters)
+        sent = self.sent.get(server_round)
+        if self.norm_bound > 0 and sent is not None:
+            bounded, norm = bound_norm(parameters_to_ndarrays(res.parameters), sent,
+                                       self.norm_bound)
+            if norm > self.norm_bound:
+                res.parameters = ndarrays_to_parameters(bounded)
+                log.info("round %s: an update of norm %.3g was bounded to %.3g",
+                         server_round, norm, self.norm_bound)
+        return ""
 
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
@@ -194,15 +246,28 @@ class SiteAwareStrategy(Strategy):
         rows = []
         weighted = []  # a site that keeps its evaluation to itself sends a weight of 0
         for proxy, res in results:
-            row, problem = self._row(proxy, dict(res.metrics), loss=res.loss,
-                                     num_examples=res.num_examples)
+            row, problem = self._row("evaluate", proxy, dict(res.metrics), res.num_examples)
+            if not problem and not (isinstance(res.num_examples, int)
+                                    and 0 <= res.num_examples <= self.max_weight):
+                problem = f"num_examples {res.num_examples!r} is not a count"
+                row = {Keys.SITE: row[Keys.SITE], "status": f"rejected: {problem}"}
             rows.append(row)
             if not problem and res.num_examples > 0:
                 weighted.append((proxy, res))
+        rows += self._failed("evaluate", server_round, failures,
+                             {str(p.cid) for p, _ in results}, set())
         self.record("evaluate", server_round, rows)
         if not weighted:
             return None, {}
-        return self.inner.aggregate_evaluate(server_round, weighted, failures)
+        return self.inner.aggregate_evaluate(server_round, weighted, [])
+
+
+def _node_of(failure) -> str | None:
+    """The node a failure came from, where it is known."""
+    if isinstance(failure, tuple):  # (proxy, result with a non-OK status)
+        return str(failure[0].cid)
+    node = getattr(failure, "node_id", None)
+    return None if node is None else str(node)
 
 
 SITE_FAILURE = re.compile(r"site failure '[a-z-]+'.*?reference [0-9a-f]+")
@@ -212,9 +277,11 @@ def failure_reason(failure) -> str:
     """What a failed site said: its failure code and reference (client/releases.py), or
     the start of whatever Flower reported."""
     error = failure.args[0] if isinstance(failure, Exception) and failure.args else None
-    text = f"{getattr(error, 'reason', '')} {failure!r}"  # Flower's Error: code, reason
+    if isinstance(failure, tuple):  # (proxy, result): the status says why
+        return f"status {failure[1].status.code.name}: {failure[1].status.message[:200]}"
+    text = f"{getattr(error, 'reason', '')} {failure}"  # Flower's Error: code, reason
     found = SITE_FAILURE.search(text)
-    return found.group(0) if found else repr(failure)[:300]
+    return found.group(0) if found else str(failure)[:300]
 
 
 class PhaseClock:

@@ -38,9 +38,10 @@ def quiet_libraries() -> None:
 
 
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
-             client_mods=()) -> Path:
+             client_mods=(), resume: bool = False) -> Path:
     """Run the federation described by `cfg`; returns the run directory.
-    `client_mods` are extra Flower mods for every site (see client.app.build_app)."""
+    `client_mods` are extra Flower mods for every site (see client.app.build_app).
+    `resume`: go on with the run in `run_dir` after its last checkpointed round."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_libraries()
@@ -51,7 +52,10 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     from server.app import ERROR_FILE, build_app as build_server_app, run_dir_for
 
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
-    if run_dir.is_dir() and any(run_dir.iterdir()):  # its summary would pass for this run's
+    if resume:
+        if (run_dir / "summary.json").is_file():
+            raise RuntimeError(f"the run in {run_dir} has finished: nothing to resume")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):  # its summary would pass for this run's
         raise RuntimeError(f"{run_dir} already holds a run, and a run directory holds one "
                            "run: choose another simulation.run_name or --run-dir")
     cfg = prepare(cfg, run_dir)
@@ -62,7 +66,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
-        server_app=build_server_app(cfg, run_dir),
+        server_app=build_server_app(cfg, run_dir, resume=resume),
         client_app=build_client_app(cfg, client_mods),
         num_supernodes=sim.num_sites,
         backend_config={
@@ -78,3 +82,15 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
         why = error.read_text().strip() if error.is_file() else "see the log above"
         raise RuntimeError(f"the run in {run_dir} failed: {why}")
     return run_dir
+
+
+def resume(run_dir: Path, verbose: bool = False, client_mods=()) -> Path:
+    """Go on with a simulated run that was stopped (killed, or failed) after its last
+    checkpointed round, with the configuration it was started with."""
+    from common.config import load_yaml
+
+    run_dir = Path(run_dir).resolve()
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise RuntimeError(f"{run_dir} holds no run to resume (no config.yaml)")
+    return simulate(load_yaml(config, {}), run_dir, verbose, client_mods, resume=True)

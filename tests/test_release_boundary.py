@@ -285,11 +285,16 @@ def test_evaluation_is_off_by_default_at_a_hospital_and_noisy_and_charged_when_o
 
     state = tmp_path / "b"
     node = _node(site_files, state, **{"release-evaluation": True})
-    replies = [recorddict_to_evaluateres(app(_message(cfg, "evaluate", _round()),
+    replies = [recorddict_to_evaluateres(app(_message(cfg, "evaluate", _round(round_no=r)),
                                              _context(cfg, node)).content)
-               for _ in range(2)]
+               for r in (1, 2)]
     evaluations = [e for e in _ledger(state) if e["kind"] == "evaluate"]
     assert len(evaluations) == 2 and evaluations[1]["epsilon"] > evaluations[0]["epsilon"]
+    # the same round asked again (a resumed server) gets the same reply, charged once
+    again = recorddict_to_evaluateres(app(_message(cfg, "evaluate", _round(round_no=2)),
+                                          _context(cfg, node)).content)
+    assert (again.num_examples, again.metrics) == (replies[1].num_examples, replies[1].metrics)
+    assert len([e for e in _ledger(state) if e["kind"] == "evaluate"]) == 2
     assert evaluations[0]["noise_multiplier"] == cfg.privacy.count_noise
     seen = [(r.num_examples, r.metrics["macro_recall"], r.metrics["macro_f1"])
             for r in replies]
