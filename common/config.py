@@ -605,7 +605,8 @@ def load_yaml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> C
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path}:{_yaml_line(err, text)}: not valid YAML: "
+                          f"{_yaml_problem(err)}") from None
     except (ValueError, RecursionError) as err:  # e.g. an integer of 5,000 digits
         raise ConfigError(f"{path}: a value cannot be read ({_show(str(err))})") from None
     data = {} if data is None else data
@@ -625,6 +626,22 @@ def load_yaml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> C
         return from_mapping(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _yaml_line(err: yaml.YAMLError, text: str) -> int:
+    """The 1-based line a YAML error points at (1 when it points nowhere)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    position = getattr(err, "position", None)  # a character the reader refuses
+    return text[:position].count("\n") + 1 if isinstance(position, int) else 1
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, on one line."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    said = ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+    return " ".join(said.split())
 
 
 def dump_yaml(cfg: Config) -> str:
