@@ -144,6 +144,9 @@ def _csv_rows(path: Path, content: str):
     done = 0  # the last line of the last record read
     try:
         header = reader.fieldnames or []
+        if header == [] and content.strip():
+            raise DataError("the first line is empty; it must name the columns",
+                            path=path, line=1)
         repeated = sorted({c for c in header if header.count(c) > 1})
         if repeated:
             raise DataError(f"the header names column {_short(repeated[0])} more than once",
