@@ -206,31 +206,7 @@ def test_every_fedavg_argument_reaches_the_robust_strategy(rule):
 
 
 # ---- end to end: a real Flower simulation, one of five sites poisoned ----
-
-POISON = -50.0  # the poisoned site sends global - 50 x its own update
-
-
-class PoisonUpdate:
-    """A mod at one site: the reply carries global + POISON x (its update - global)."""
-
-    def __init__(self, site: int) -> None:
-        self.site = site
-
-    def __call__(self, msg, context, call_next):
-        from flwr.compat.common.recorddict_compat import (parameters_to_arrayrecord,
-                                                          recorddict_to_fitins,
-                                                          recorddict_to_fitres)
-
-        out = call_next(msg, context)
-        if msg.metadata.message_type != "train" or context.node_config["partition-id"] != self.site:
-            return out
-        sent = parameters_to_ndarrays(recorddict_to_fitins(msg.content, True).parameters)
-        own = parameters_to_ndarrays(recorddict_to_fitres(out.content, True).parameters)
-        bad = [g + POISON * (u - g) if u.size else u for g, u in zip(sent, own)]
-        out.content.array_records["fitres.parameters"] = parameters_to_arrayrecord(
-            ndarrays_to_parameters(bad), keep_input=True)
-        return out
-
+# (the poisoning mod is the benchmark's: site0 sends global - 50 x its own update)
 
 class CaptureHonest:
     """Innermost mod: keeps the global each site was sent and the plain update it sends
@@ -271,6 +247,7 @@ def test_one_poisoned_site_of_five_leaves_the_trimmed_mean_within_two_points(tin
     import torch
 
     from common.model import build_model, load_tokenizer, set_adapter_arrays
+    from simulations.bench.robustness import POISON_FACTOR as POISON, PoisonSite
     from simulations.run import simulate
     from tests.conftest import LABELS, tiny_config, write_records
     from tests.test_secure_aggregation import _global_adapter
@@ -286,7 +263,8 @@ def test_one_poisoned_site_of_five_leaves_the_trimmed_mean_within_two_points(tin
                       federation={"num_rounds": 1, "min_sites": 5, "secure_aggregation": "off",
                                   "aggregation": "trimmed_mean"},
                       simulation={"num_sites": 5})
-    run = simulate(cfg, tmp_path / "run", client_mods=[PoisonUpdate(0), CaptureHonest(capture)])
+    run = simulate(cfg, tmp_path / "run",
+                   client_mods=[PoisonSite(0, POISON), CaptureHonest(capture)])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["server_optimizer"]["aggregation"] == {"rule": "trimmed_mean",
                                                           "cut_each_end": 0.2}
@@ -323,3 +301,42 @@ def test_one_poisoned_site_of_five_leaves_the_trimmed_mean_within_two_points(tin
     assert clean > 0.8  # the honest federation learned the task
     assert attacked < clean - 0.3  # the attack breaks the plain mean
     assert abs(robust - clean) <= 0.02, (clean, attacked, robust)
+
+
+# ---- the benchmark's robustness section, on hand-made run records ----
+
+def test_bench_judges_robust_rules_against_the_mean_without_attack(tmp_path):
+    from simulations.bench import report, targets
+    from simulations.bench.robustness import SETUPS, judge, summarize
+
+    def runs(*f1s, error=None):
+        return [{"seed": k, "accuracy": f1 + 0.05, "macro_f1": f1, "process_seconds": 200.0,
+                 "error": error} for k, f1 in enumerate(f1s)]
+
+    by_name = {s.name: s for s in SETUPS}
+    configs = [summarize(by_name["mean"], runs(0.70, 0.72)),
+               summarize(by_name["mean_attacked"], runs(0.05, 0.03)),
+               summarize(by_name["trimmed_mean_attacked"], runs(0.69, 0.70)),  # 1, 2 below
+               summarize(by_name["median_attacked"], runs(0.66, 0.70)),        # 4, 2 below
+               summarize(by_name["krum_attacked"], runs(0.5, 0.5, error="exit 1"))]
+    gaps = {g["name"]: g for g in judge(configs)}
+    assert "mean" not in gaps  # the reference
+    assert gaps["trimmed_mean_attacked"]["gap_points"]["macro_f1"]["mean"] == pytest.approx(1.5)
+    assert gaps["trimmed_mean_attacked"]["status"] == targets.MET
+    assert gaps["median_attacked"]["gap_points"]["macro_f1"]["mean"] == pytest.approx(3.0)
+    assert gaps["median_attacked"]["status"] == targets.MISSED
+    assert gaps["mean_attacked"]["gap_points"]["accuracy"]["mean"] == pytest.approx(67.0)
+    assert gaps["mean_attacked"]["status"] == "shown, not judged"
+    assert gaps["krum_attacked"]["status"] == targets.NOT_RUN  # every run failed
+
+    section = {"device": "cpu", "seeds": [0, 1], "overrides": {"simulation.num_sites": 5},
+               "poison": {"site": "site0", "factor": -50.0}, "limit_points": 2.0,
+               "configs": configs, "gaps": judge(configs)}
+    text = "\n".join(report.render_robustness(section))
+    assert "site0 sends global + -50 × its update" in text
+    row = next(line for line in text.splitlines() if line.startswith("| median, 1 of 5"))
+    assert "| 3.0 ± 1.4 |" in row and "| **missed** |" in row
+    assert next(line for line in text.splitlines()
+                if line.startswith("| mean, no attack")).count("reference") == 1
+    report.write({"sections": {"robustness": section}}, tmp_path)
+    assert (tmp_path / "robustness.png").stat().st_size > 0

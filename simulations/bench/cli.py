@@ -27,17 +27,18 @@ def _sections() -> dict:
     from simulations.bench.costs import dp_cost, update_bytes
     from simulations.bench.orchestration import orchestration
     from simulations.bench.personalization import personalization
+    from simulations.bench.robustness import robustness
     from simulations.bench.scaling import scaling
     from simulations.bench.utility import utility
 
     # utility first: bytes, accounting and orchestration read the runs it made
     return {"utility": utility, "dp-cost": dp_cost, "bytes": update_bytes,
             "accounting": accounting, "orchestration": orchestration,
-            "scaling": scaling, "personalization": personalization}
+            "scaling": scaling, "personalization": personalization, "robustness": robustness}
 
 
 SECTIONS = ("utility", "dp-cost", "bytes", "accounting", "orchestration", "scaling",
-            "personalization")
+            "personalization", "robustness")
 QUICK_SECTIONS = SECTIONS[:5]
 
 

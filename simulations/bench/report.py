@@ -17,6 +17,7 @@ SECTION_TITLES = {
     "orchestration": "5. Orchestration overhead",
     "scaling": "6. Scaling on Flower's Ray simulation",
     "personalization": "7. Personalisation under strong skew",
+    "robustness": "8. Robustness to one poisoned site",
 }
 
 
@@ -260,9 +261,34 @@ def render_personalization(s: dict) -> list[str]:
             *([""] + errors if errors else [])]
 
 
+def render_robustness(s: dict) -> list[str]:
+    overrides = ", ".join(f"{k}={v}" for k, v in s.get("overrides", {}).items())
+    poison = s.get("poison", {})
+    gaps = {g["name"]: g for g in s.get("gaps", [])}
+    rows = []
+    for c in s["configs"]:
+        g = gaps.get(c["name"])
+        rows.append([c["label"], f"{c['accuracy'].get('n', 0)}"
+                     + (f" ({c['failed']} failed)" if c.get("failed") else ""),
+                     pm(c["accuracy"]), pm(c["macro_f1"]),
+                     pm(g["gap_points"]["accuracy"], 1) if g else "—",
+                     pm(g["gap_points"]["macro_f1"], 1) if g else "—",
+                     mark(g["status"]) if g else "reference", pm(c["process_seconds"], 0)])
+    return [f"Seeds (data.seed): {', '.join(map(str, s.get('seeds', [])))}; device "
+            f"{s.get('device')}. simulations/configs/default.yaml with {overrides}; "
+            f"{poison.get('site')} sends global + {poison.get('factor'):g} × its update. "
+            "Gaps: points below the mean without attack, paired by seed; a robust rule "
+            f"under attack meets the target at ≤ {s.get('limit_points', 2):g} macro-F1 points.",
+            "",
+            *table(["configuration", "runs", "test accuracy", "test macro-F1",
+                    "accuracy points below", "F1 points below", "result", "wall s / run"],
+                   rows)]
+
+
 RENDERERS = {"utility": render_utility, "dp-cost": render_dp_cost, "bytes": render_bytes,
              "accounting": render_accounting, "orchestration": render_orchestration,
-             "scaling": render_scaling, "personalization": render_personalization}
+             "scaling": render_scaling, "personalization": render_personalization,
+             "robustness": render_robustness}
 
 
 # -- plots ---------------------------------------------------------------------------
@@ -402,9 +428,29 @@ def plot_personalization(plt, s):
     return fig
 
 
+def plot_robustness(plt, s):
+    configs = [c for c in s["configs"] if c["macro_f1"].get("mean") is not None]
+    if not configs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = ["C0" if not c["attacked"] else "C3" if c["aggregation"] == "mean" else "C2"
+              for c in configs]
+    for ax, metric in zip(axes, ("accuracy", "macro_f1")):
+        _bars(ax, [c["label"] for c in configs], [c[metric]["mean"] for c in configs],
+              [c[metric]["sd"] for c in configs], color=colors)
+        reference = configs[0][metric]["mean"] if not configs[0]["attacked"] else None
+        if reference is not None:
+            ax.axhline(reference - s.get("limit_points", 2) / 100, color="k", ls="--", lw=1)
+        ax.set_ylabel(f"test {metric.replace('_', '-')}")
+        ax.set_ylim(0, 1)
+    fig.suptitle(f"One of five sites poisoned (seeds {s.get('seeds')}); dashed: "
+                 "no-attack mean − 2 points")
+    return fig
+
+
 PLOTS = {"utility": plot_utility, "dp-cost": plot_dp_cost, "accounting": plot_accounting,
          "orchestration": plot_orchestration, "scaling": plot_scaling,
-         "personalization": plot_personalization}
+         "personalization": plot_personalization, "robustness": plot_robustness}
 
 
 def write(results: dict, out: Path) -> None:

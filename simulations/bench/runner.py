@@ -158,13 +158,15 @@ class Bench:
         return self._pinned[path]
 
     def simulate(self, name: str, overrides: dict[str, Any],
-                 config: Path = DEFAULT_CONFIG) -> SimRun:
+                 config: Path = DEFAULT_CONFIG, attack: dict | None = None) -> SimRun:
         """simulations.run.simulate(load_yaml(config, overrides)) in a child process,
         on the bench's device, from the bench's pinned copy of `config`; the same
-        (config, overrides) runs once per bench."""
+        (config, overrides, attack) runs once per bench. `attack`: one site's updates
+        poisoned ({"site": partition id, "factor": f}, see robustness.PoisonSite)."""
         overrides = {"train.device": self.device, **overrides}
         config = self.config(config)
-        key = json.dumps([str(config), overrides], sort_keys=True)
+        key = json.dumps([str(config), overrides] + ([attack] if attack else []),
+                         sort_keys=True)
         if key in self._runs:
             return self._runs[key]
         run_dir = self.out / "runs" / name
@@ -174,6 +176,8 @@ class Bench:
                 "--run-dir", str(run_dir)]
         if self.ray_address:
             args += ["--ray-address", self.ray_address]
+        if attack:
+            args += ["--attack", json.dumps(attack)]
         self.echo(f"  run {name} ...")
         child = run_child(args, self.log)
         summary_path = run_dir / "summary.json"

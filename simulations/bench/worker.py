@@ -1,6 +1,7 @@
 """What the bench runs in a fresh process (see runner.run_child):
 
-    simulate  one Flower simulation: simulations.run.simulate(load_yaml(config, overrides))
+    simulate  one Flower simulation: simulations.run.simulate(load_yaml(config, overrides)),
+              optionally with one site's updates poisoned (--attack)
     step      one timing of training steps: DP-SGD (train_private) or plain (train_plain)
               on the embedded MiniLM with the default LoRA config; writes a JSON result
 """
@@ -32,7 +33,12 @@ def cmd_simulate(args) -> int:
         import ray
 
         ray.init(address=args.ray_address, log_to_driver=False, logging_level="error")
-    simulate(cfg, Path(args.run_dir))
+    mods = []
+    if args.attack:  # the robustness section: one site's updates poisoned
+        from simulations.bench.robustness import PoisonSite
+
+        mods.append(PoisonSite(**json.loads(args.attack)))
+    simulate(cfg, Path(args.run_dir), client_mods=mods)
     return 0
 
 
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--overrides", default="{}", help="JSON object of section.key values")
     sim.add_argument("--run-dir", required=True)
     sim.add_argument("--ray-address", default=None)
+    sim.add_argument("--attack", default=None,
+                     help='JSON {"site": partition id, "factor": f}: that site sends '
+                          "global + f x its update (robustness section)")
     sim.set_defaults(func=cmd_simulate)
     step = sub.add_parser("step")
     step.add_argument("--config", required=True)
