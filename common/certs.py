@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.errors import FedcareError
+
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 DEFAULT_OUT_DIR = Path("certs")
 DEFAULT_DAYS = 365
@@ -74,7 +76,7 @@ _CLOCK_SKEW = dt.timedelta(minutes=5)
 # --- errors ----------------------------------------------------------------------
 
 
-class CertsError(Exception):
+class CertsError(FedcareError):
     """Base class for every error this module raises on bad input."""
 
 

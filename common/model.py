@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from common.config import EMBEDDED_MODEL, LoraConfig
+from common.errors import FedcareError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 LABELS_FILE = "labels.json"
 
 
-class ModelError(ValueError):
+class ModelError(FedcareError, ValueError):
     """A model folder or an adapter state cannot be used."""
 
 

@@ -34,12 +34,18 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_simulate(args) -> int:
-    from simulations.run import simulate
+    from simulations.run import resume, simulate
 
-    cfg = check_simulation(load_yaml(args.config, _overrides(args.set)))
     try:
-        run_dir = simulate(cfg, Path(args.run_dir) if args.run_dir else None,
-                           verbose=args.verbose)
+        if args.resume:
+            if args.set or args.run_dir or args.config != str(DEFAULT_CONFIG):
+                raise ConfigError("--resume goes on with the run's own config.yaml; give "
+                                  "it alone, without a config, --set or --run-dir")
+            run_dir = resume(Path(args.resume), verbose=args.verbose)
+        else:
+            cfg = check_simulation(load_yaml(args.config, _overrides(args.set)))
+            run_dir = simulate(cfg, Path(args.run_dir) if args.run_dir else None,
+                               verbose=args.verbose)
     except RuntimeError as err:  # the run directory is taken, or the run failed (it says why)
         raise RunError(str(err)) from None
     print(f"summary: {run_dir / 'summary.json'}")
@@ -72,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one setting, e.g. --set privacy.target_epsilon=4")
     sim.add_argument("--run-dir", help="write the run here instead of a new timestamped folder")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="go on with a stopped run after its last checkpointed round")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
 

@@ -20,11 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from common.errors import FedcareError
+
 PRIVATE_KEY_FILE = "site_key.pem"
 PUBLIC_KEY_FILE = "site_key.pub.pem"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(FedcareError, ValueError):
     """A key file is missing, unreadable, of the wrong type, or does not match."""
 
 

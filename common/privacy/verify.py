@@ -38,6 +38,7 @@ import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 
+from common.errors import FedcareError
 from common.privacy.keys import (
     KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
 )
@@ -63,7 +64,7 @@ PRV_EPS_ERROR = 0.01
 History = tuple[tuple[float, float, int], ...]
 
 
-class VerifyInputError(ValueError):
+class VerifyInputError(FedcareError, ValueError):
     """The path given to the verifier holds no ledger, or a key directory is missing."""
 
 
@@ -144,6 +145,13 @@ def rdp_epsilon(history: History, delta: float) -> float:
         return 0.0
     total = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in history)
     return float(rdp_module.compute_epsilon(AUDIT_ORDERS, total, delta)[0])
+
+
+# Bounds on what a ledger may ask the verifier to compute: below σ=0.1 ε is in the
+# hundreds at any useful step count (and the PLD grows without bound in memory); a
+# million steps in one entry is far beyond any round. Past either, the release is
+# reported and counted as unbounded instead of being re-derived.
+MIN_SIGMA, MAX_STEPS = 0.1, 1_000_000
 
 
 @lru_cache(maxsize=256)
@@ -386,6 +394,11 @@ def _check_accounting(site: str, entries: list[dict],
                         claim, last[dataset][0], rel_tol=1e-9):
                     say(f"Refusal seq {seq} changes ε from {last[dataset][0]:.4f} to "
                         f"{claim:.4f}; a refusal releases nothing, so ε must stay unchanged.")
+            elif not (sigma >= MIN_SIGMA and steps <= MAX_STEPS) and sigma > 0 and steps > 0:
+                history.append((0.0, 1.0, 1))  # not re-derived: counted as no privacy
+                say(f"Entry seq {seq} records σ={sigma:g} over {steps} steps; the verifier "
+                    f"re-derives σ ≥ {MIN_SIGMA:g} and at most {MAX_STEPS:,} steps in an "
+                    "entry, so this release counts as unbounded.")
             elif sigma > 0 and 0 < rate <= 1 and steps > 0:
                 history.append((sigma, rate, steps))
             else:
