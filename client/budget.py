@@ -166,6 +166,13 @@ class SiteGuard:
                 f"above the site's max_noise_multiplier {p.max_noise_multiplier:g}")
         return sigma
 
+    def released(self, run_id: str, round_no: int, kind: str) -> bool:
+        """Whether this dataset's ledger already holds a `kind` release for (run,
+        round): a reply made and then lost (the site stopped before keeping it)."""
+        return any(e.get("run_id") == run_id and e.get("round") == round_no
+                   and e.get("kind") == kind and dataset_of(e) == self.dataset
+                   for e in self.ledger.entries())
+
     def projected(self, step: PrivateStep) -> float:
         """The ε the ledger would claim after `step`: never below what is claimed now."""
         return self._after((step.noise_multiplier, step.sample_rate, step.steps))

@@ -151,6 +151,10 @@ class SiteTrainer:
                     raise Refusal("plain-round", "the site requires secure aggregation and "
                                                  "this round is not under SecAgg+")
                 self.site.policy.check_delta(len(self.train_data))
+                if guard.released(run_id, round_no, "train"):
+                    raise Refusal("repeat", f"round {round_no} of this run was released "
+                                            "already and its reply was lost; releasing it "
+                                            "again would charge it twice")
                 weight = self.public_size(guard, run_id, round_no)
                 step = self._plan(guard, run_id, round_no, num_rounds, phase, weight)
                 data, module = self._rows_and_module(phase)
@@ -180,7 +184,17 @@ class SiteTrainer:
                  f"{stats.examples} sampled records, loss {stats.loss:.4f} (kept here)")
         metrics.update({Keys.STEPS: phase.steps,
                         Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays))})
-        return {"arrays": arrays, "num_examples": weight, "metrics": metrics}
+        return {"arrays": arrays, "num_examples": self._capped(weight, secure),
+                "metrics": metrics}
+
+    def _capped(self, weight: int, secure: bool) -> int:
+        """The FedAvg weight as sent: at most federation.max_site_examples (the server
+        caps it too, where it sees it) and, under SecAgg+, secagg_max_weight, which the
+        server cannot check inside the masked sum."""
+        fed = self.cfg.federation
+        cap = min(fed.max_site_examples, int(fed.secagg_max_weight)) if secure \
+            else fed.max_site_examples
+        return min(int(weight), cap)
 
     def public_size(self, guard: SiteGuard, run_id: str, round_no: int) -> int:
         return guard.public_size(len(self.train_data), self.count_sigma(guard), run_id,
@@ -262,6 +276,9 @@ class SiteTrainer:
         if not self.site.policy.release_evaluation:
             return math.nan, 0, out
         guard = self.guard() if self.site.private else None
+        if guard is not None and guard.released(run_id, round_no, "evaluate"):
+            out[Keys.REFUSED] = "repeat"  # released before, reply lost: not charged twice
+            return math.nan, 0, out
         try:
             counts = self._release_counts(guard, run_id, round_no)
         except accounting.BudgetError as err:

@@ -245,6 +245,10 @@ class FederationConfig:
     round_timeout: float = field(
         default=3600.0, metadata={"help": "Seconds a round waits for its sites; a site "
                                           "that has not answered by then counts as failed."})
+    first_round_timeout: float = field(
+        default=0.0, metadata={"help": "Seconds the first round waits instead (it includes "
+                                       "each site's start-up: model, features); "
+                                       "0 = round_timeout."})
     min_completion: float = field(
         default=0.5, metadata={"help": "Share of a round's sites whose update must be "
                                        "accepted (and at least min_sites) for the round "
@@ -255,6 +259,11 @@ class FederationConfig:
     resume: bool = field(
         default=False, metadata={"help": "Go on from the run directory's checkpoint (a "
                                          "restarted server: same simulation.run_name)."})
+
+    def timeout(self, round_no: int) -> float:
+        """Seconds round `round_no` waits for its sites."""
+        return (self.first_round_timeout or self.round_timeout) if round_no <= 1 \
+            else self.round_timeout
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "federation.num_rounds", self.num_rounds, ">= 1")
@@ -280,6 +289,8 @@ class FederationConfig:
         _check(self.max_site_examples >= 1, "federation.max_site_examples",
                self.max_site_examples, ">= 1")
         _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "> 0")
+        _check(self.first_round_timeout >= 0, "federation.first_round_timeout",
+               self.first_round_timeout, ">= 0")
         _check(0 < self.min_completion <= 1, "federation.min_completion",
                self.min_completion, "in (0, 1]")
         _check(0 <= self.max_failed_rounds < 1, "federation.max_failed_rounds",

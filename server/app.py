@@ -50,7 +50,8 @@ class FitWorkflow:
             num_shares=1.0, reconstruction_threshold=fed.secagg_threshold,
             max_weight=fed.secagg_max_weight, clipping_range=fed.secagg_clipping_range,
             timeout=fed.round_timeout)
-        self.plain = PlainFit(fed.round_timeout)
+        self.timeout = fed.timeout
+        self.plain = PlainFit(fed.timeout)
         self.rounds: dict[int, bool] = {}
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -61,7 +62,9 @@ class FitWorkflow:
                 f"federation.secure_aggregation is 'on' but only {sites} site(s) take part; "
                 f"SecAgg+ needs at least {self.MIN_SITES}, and fedcare will not aggregate "
                 "in the clear instead")
-        self.rounds[context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]] = secure
+        round_no = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+        self.rounds[round_no] = secure
+        self.secagg.timeout = self.timeout(round_no)
         (self.secagg if secure else self.plain)(grid, context)
 
 
@@ -74,11 +77,13 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
                resume: bool = False, deployed: bool = False) -> dict:
     """Run the rounds into `run_dir`; with `resume`, go on after the round its
     checkpoint holds (the same run: same directory, same run id)."""
-    saved = checkpoint.load(run_dir) if resume else None
-    if saved:
+    saved = None  # a run stopped before its first checkpoint resumes from round 1
+    if resume and (run_dir / checkpoint.CHECKPOINT_FILE).exists():
+        saved = checkpoint.load(run_dir)
+    if resume:
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # the reason the last attempt stopped
-    recorder = RunRecorder(run_dir, cfg, resume_after=saved.round if saved else None,
-                           deployed=deployed)
+    recorder = RunRecorder(run_dir, cfg, resume_after=(saved.round if saved else 0)
+                           if resume else None, deployed=deployed)
     run_id = run_dir.name
     _, test = held_out(cfg.data)
     device = pick_device(cfg.train.device)
@@ -124,9 +129,13 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
         norm_bound=fed.update_norm_bound, min_sites=fed.min_sites,
         min_completion=fed.min_completion, secure=lambda r: fit_workflow.rounds.get(r, False))
     if saved:
+        if saved.run_id != run_id:
+            raise RuntimeError(f"{run_dir / checkpoint.CHECKPOINT_FILE} belongs to run "
+                               f"{saved.run_id!r}, not {run_id!r}")
         checkpoint.restore(saved, strategy)
-        recorder.say(f"resuming after round {saved.round} of {fed.num_rounds} from "
-                     f"{run_dir / checkpoint.CHECKPOINT_FILE}")
+    if resume:
+        recorder.say(f"resuming after round {saved.round if saved else 0} of "
+                     f"{fed.num_rounds} (checkpoint: {run_dir / checkpoint.CHECKPOINT_FILE})")
 
     def after_round(round_no: int, ctx: LegacyContext) -> None:
         adapter = ctx.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
@@ -135,15 +144,23 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
 
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.num_rounds),
                            strategy=strategy)
-    Rounds(fit_workflow, site_evaluate(fed.round_timeout), first=saved.round + 1 if saved else 1,
+    Rounds(fit_workflow, site_evaluate(fed.timeout), first=saved.round + 1 if saved else 1,
            last=fed.num_rounds, after_round=after_round,
            initial=ndarrays_to_parameters(saved.adapter) if saved else None)(grid, legacy)
 
+    if not final:  # resumed after the last round: its test evaluation, kept or made again
+        kept = [r for r in recorder.rows if (r["phase"], r["round"]) == ("test", fed.num_rounds)]
+        if kept:
+            final.update({k: v for k, v in kept[-1].items()
+                          if k not in ("phase", "round", "wall_seconds", "private", Keys.SITE)})
+        elif strategy.steps:
+            evaluate_test(fed.num_rounds,
+                          legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays(), {})
     skipped = {r: why for r, why in sorted(strategy.outcomes.items()) if why != "aggregated"}
     rounds = {"rounds_aggregated": strategy.steps,
               "rounds_skipped": {str(r): why for r, why in skipped.items()}}
     if strategy.steps == 0:  # an untrained adapter must not pass for this run's result
-        recorder.summary(final, rounds)
+        recorder.summary(final, rounds, {f"node-{n}": name for n, name in strategy.names.items()})
         raise RuntimeError("no round aggregated any update, so no adapter is saved; what "
                            f"the sites answered: {recorder.site_problems(3) or 'nothing'} "
                            "(metrics.jsonl)")
@@ -166,7 +183,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
                                        "secure_aggregation": {
         "setting": fed.secure_aggregation,
         "rounds": {str(r): on for r, on in fit_workflow.rounds.items()}},
-        "server_optimizer": describe(inner)})
+        "server_optimizer": describe(inner)},
+        aliases={f"node-{node}": name for node, name in strategy.names.items()})
     for site, facts in sorted((summary.get("personalization") or {}).items()):
         g, p = facts["global"], facts["personalized"]
         recorder.say(f"{site}: own validation records — global model accuracy "

@@ -67,9 +67,9 @@ def exchange(grid: Grid, context: LegacyContext, instructions, message_type: str
 
 
 class PlainFit:
-    """A fit round in the clear, with a timeout."""
+    """A fit round in the clear, with a timeout (seconds, by round)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: Callable[[int], float]) -> None:
         self.timeout = timeout
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -82,7 +82,8 @@ class PlainFit:
             return
         results, failures = exchange(
             grid, context, instructions, MessageType.TRAIN, compat.fitins_to_recorddict,
-            lambda content: compat.recorddict_to_fitres(content, False), self.timeout)
+            lambda content: compat.recorddict_to_fitres(content, False),
+            self.timeout(round_no))
         aggregated, metrics = context.strategy.aggregate_fit(round_no, results, failures)
         if aggregated:
             context.state.array_records[MAIN_PARAMS_RECORD] = \
@@ -91,8 +92,8 @@ class PlainFit:
                                                         metrics=metrics)
 
 
-def site_evaluate(timeout: float):
-    """The sites' evaluation of the global adapter, with a timeout."""
+def site_evaluate(timeout: Callable[[int], float]):
+    """The sites' evaluation of the global adapter, with a timeout (seconds, by round)."""
 
     def workflow(grid: Grid, context: LegacyContext) -> None:
         round_no = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
@@ -104,7 +105,8 @@ def site_evaluate(timeout: float):
             return
         results, failures = exchange(
             grid, context, instructions, MessageType.EVALUATE,
-            compat.evaluateins_to_recorddict, compat.recorddict_to_evaluateres, timeout)
+            compat.evaluateins_to_recorddict, compat.recorddict_to_evaluateres,
+            timeout(round_no))
         context.strategy.aggregate_evaluate(round_no, results, failures)
 
     return workflow

@@ -68,7 +68,7 @@ class RunRecorder:
         self.warned: set[str] = set()
         self.bad_names: set[str] = set()
         if resume_after is None:
-            (self.dir / "config.yaml").write_text(_config_text(cfg, deployed))
+            _write_whole(self.dir / "config.yaml", _config_text(cfg, deployed))
         else:
             self._keep_rows(metrics, resume_after)
         self._metrics = metrics.open("a", encoding="utf-8")
@@ -245,9 +245,11 @@ class RunRecorder:
                 return r[BUDGET]
         return None
 
-    def _problems(self) -> dict:
+    def _problems(self, aliases: dict[str, str] | None = None) -> dict:
         """Per site: each reply that was not accepted (refused, rejected, failed), with
-        its round, phase and reason."""
+        its round, phase and reason. `aliases`: node-<id> -> the site name that node
+        used later (a site that failed before its first answer could not be named)."""
+        aliases = aliases or {}
         out: dict[str, list] = {}
         for r in self.rows:
             status = r.get("status", "accepted")
@@ -255,11 +257,13 @@ class RunRecorder:
                     status != "accepted" or r.get(Keys.REFUSED) or r.get(Keys.ERROR)):
                 why = (f"refused: {r.get(Keys.REFUSED)}" if r.get(Keys.REFUSED) else
                        f"error: {r.get(Keys.ERROR)}" if r.get(Keys.ERROR) else status)
-                out.setdefault(str(r[Keys.SITE]), []).append(
+                site = str(r[Keys.SITE])
+                out.setdefault(aliases.get(site, site), []).append(
                     {"round": r["round"], "phase": r["phase"], "status": why})
         return out
 
-    def summary(self, test_metrics: dict | None, extra: dict | None = None) -> dict:
+    def summary(self, test_metrics: dict | None, extra: dict | None = None,
+                aliases: dict[str, str] | None = None) -> dict:
         sites = sorted({r[Keys.SITE] for r in self.rows if r["phase"] == "train"
                         and r[Keys.SITE] != "?"})
         epsilon = {s: max((r[Keys.EPSILON] for r in self.rows if r[Keys.SITE] == s
@@ -278,15 +282,22 @@ class RunRecorder:
             "delta_per_site": delta if self.cfg.privacy.enabled else None,
             "epsilon_budget_per_site": {s: self._site_budget(s) for s in sites}
             if self.cfg.privacy.enabled else None,
-            "problems_per_site": self._problems(),
+            "problems_per_site": self._problems(aliases),
             "bytes_sent_per_site_per_round": bytes_sent,
             "wall_seconds": round(time.perf_counter() - self.start, 2),
             "personalization": self._personalization(),
             **(extra or {}),
         }
-        (self.dir / "summary.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+        _write_whole(self.dir / "summary.json", json.dumps(out, indent=2, sort_keys=True))
         self._metrics.close()
         return out
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Whole or absent: a server killed mid-write leaves no half file to be misread."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def _config_text(cfg: Config, deployed: bool) -> str:

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.config import Config
+from common.config import Config, check_simulation
 
 
 def prepare(cfg: Config, run_dir: Path) -> Config:
@@ -51,6 +51,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     from client.app import build_app as build_client_app
     from server.app import ERROR_FILE, build_app as build_server_app, run_dir_for
 
+    check_simulation(cfg)
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
     if resume:
         if (run_dir / "summary.json").is_file():
