@@ -21,6 +21,8 @@ import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from safetensors.numpy import load_file, save_file
 
+from common.errors import FedcareError
+
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedcare-checkpoint-1"
 # the inner strategies' state, by attribute: lists of arrays (None until first used)
@@ -82,7 +84,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedcareError, RuntimeError):
     """There is no checkpoint to resume from, or it is not one this code wrote."""
 
 

@@ -272,6 +272,7 @@ class RunRecorder:
         bytes_sent = {s: {str(r["round"]): r.get(Keys.BYTES_SENT, 0) for r in self.rows
                           if r["phase"] == "train" and r[Keys.SITE] == s} for s in sites}
         out = {
+            "run_id": self.dir.name,
             "privacy": privacy_label(self.cfg),
             "private": self.cfg.privacy.enabled,
             "rounds": self.cfg.federation.num_rounds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -78,10 +79,12 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
         },
         verbose_logging=verbose,
     )
-    error = run_dir / ERROR_FILE
-    if error.is_file() or not (run_dir / "summary.json").is_file():
+    error, summary = run_dir / ERROR_FILE, run_dir / "summary.json"
+    if error.is_file() or not summary.is_file():
         why = error.read_text().strip() if error.is_file() else "see the log above"
         raise RuntimeError(f"the run in {run_dir} failed: {why}")
+    if json.loads(summary.read_text()).get("run_id") != run_dir.name:
+        raise RuntimeError(f"{summary} is not this run's summary")
     return run_dir
 
 
