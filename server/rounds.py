@@ -66,6 +66,15 @@ def exchange(grid: Grid, context: LegacyContext, instructions, message_type: str
     return results, failures
 
 
+def _instructions(context: LegacyContext, configure) -> tuple[int, list]:
+    """The current round and what the strategy's `configure` (fit or evaluate) asks of
+    which sites, given the global adapter."""
+    round_no = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+    parameters = compat.arrayrecord_to_parameters(
+        context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    return round_no, configure(round_no, parameters, context.client_manager)
+
+
 class PlainFit:
     """A fit round in the clear, with a timeout (seconds, by round)."""
 
@@ -73,11 +82,7 @@ class PlainFit:
         self.timeout = timeout
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
-        round_no = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
-        parameters = compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        instructions = context.strategy.configure_fit(round_no, parameters,
-                                                      context.client_manager)
+        round_no, instructions = _instructions(context, context.strategy.configure_fit)
         if not instructions:
             return
         results, failures = exchange(
@@ -96,11 +101,7 @@ def site_evaluate(timeout: Callable[[int], float]):
     """The sites' evaluation of the global adapter, with a timeout (seconds, by round)."""
 
     def workflow(grid: Grid, context: LegacyContext) -> None:
-        round_no = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
-        parameters = compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        instructions = context.strategy.configure_evaluate(round_no, parameters,
-                                                           context.client_manager)
+        round_no, instructions = _instructions(context, context.strategy.configure_evaluate)
         if not instructions:
             return
         results, failures = exchange(
