@@ -145,13 +145,18 @@ class SiteAwareStrategy(Strategy):
     def _failed(self, phase: str, server_round: int, failures: list, answered: set[str],
                 asked: set[str]) -> list[dict]:
         """A row per site that failed or did not answer, under the name its node used."""
-        rows, named = [], set()
+        # Flower's SecAgg+ lists a failed reply twice, and without its node
+        failures = list({(_node_of(f), failure_reason(f)): f for f in failures}.values())
+        rows, named = [], {_node_of(f) for f in failures}
+        silent = sorted(asked - answered - named)
+        anonymous = [f for f in failures if _node_of(f) is None]  # SecAgg+ keeps no node
         for failure in failures:
             node = _node_of(failure)
-            named.add(node)
+            if node is None and len(silent) == len(anonymous) == 1:
+                node = silent.pop()  # the one node asked that did not answer: this one
             rows.append({Keys.SITE: self._name_of(node),
                          "status": f"failed: {failure_reason(failure)}"})
-        for node in sorted(asked - answered - named):
+        for node in silent:
             rows.append({Keys.SITE: self._name_of(node),
                          "status": "failed: no answer within federation.round_timeout"})
         for row in rows:

@@ -132,3 +132,24 @@ def test_summary_reports_each_sites_delta_and_where_personalisation_stayed(tmp_p
     assert (personal["site1"]["saved_at_site"], personal["site1"]["refused"]) == (False,
                                                                                   "budget")
     assert "train_loss" not in (run / "summary.json").read_text()
+
+
+def test_a_deployed_run_records_the_hospitals_facts_not_simulation_defaults(tmp_path):
+    """Its config.yaml leaves out the simulated sites' sections (simulation.num_sites 4,
+    site.epsilon_budget 8 describe no one); the summary gives each hospital's own δ and
+    budget, read from what it sent."""
+    import yaml
+
+    run = tmp_path / "deployed"
+    recorder = RunRecorder(run, Config(), out=io.StringIO(), deployed=True)
+    ledger = _ledger({"run_id": "deployed", "epsilon": 2.0, "epsilon_budget": 24.0,
+                      "delta": 1e-6})
+    recorder.record("train", 1, [_row("hospital-a", 2.0, 0.9, ledger, **{Keys.DELTA: 1e-6})])
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert "simulation" not in written and "site" not in written
+    assert written["privacy"]["target_epsilon"] == 8.0  # what the run asked for
+    assert "a deployed run" in (run / "config.yaml").read_text()
+    summary = recorder.summary({})
+    assert summary["sites"] == ["hospital-a"] and summary["run_id"] == "deployed"
+    assert summary["epsilon_budget_per_site"] == {"hospital-a": 24.0}
+    assert summary["delta_per_site"] == {"hospital-a": 1e-6}

@@ -80,7 +80,8 @@ def _run(tiny_model, tmp_path, sites: int, fail_site: str = "", **sections):
     files = _files(tmp_path, sites)
     capture = tmp_path / "capture"
     capture.mkdir()
-    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": sites,
+    # min_sites: the accepted updates a round needs; one site may drop out or refuse
+    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": sites - 1,
                                                      "secure_aggregation": "on",
                                                      "secagg_max_weight": MAX_WEIGHT},
                       simulation={"num_sites": sites}, **sections)
@@ -142,6 +143,11 @@ def test_a_site_dropping_out_mid_round_does_not_cost_the_round(tiny_model, tmp_p
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=tol, rtol=0)
     assert summary["test"]["accuracy"] is not None
+    # one failure, with its code, filed under the one site that did not answer (SecAgg+
+    # reports failures without their node, and twice)
+    assert list(summary["problems_per_site"]) == ["site3"]
+    (found,) = summary["problems_per_site"]["site3"]
+    assert found["status"].startswith("failed: site failure 'site-error'")
 
 
 def test_secure_aggregation_on_with_two_sites_stops_instead_of_aggregating_in_the_clear(
@@ -158,7 +164,7 @@ def test_a_refusing_site_sends_a_weightless_zero_update_and_the_round_goes_on(
     files = _files(tmp_path, 3)
     capture = tmp_path / "capture"
     capture.mkdir()
-    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": 3,
+    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1, "min_sites": 2,
                                                      "secure_aggregation": "on",
                                                      "secagg_max_weight": MAX_WEIGHT},
                       simulation={"num_sites": 3}, site={"budgets": [8.0, 8.0, 0.01]})
