@@ -206,31 +206,6 @@ def test_builder_refuses_a_robust_rule_it_cannot_apply():
         build_strategy("fedavg", 1.0, 0.0, aggregation="krum", faulty_share=0.5)
 
 
-@pytest.mark.parametrize("rule", ["trimmed_mean", "median", "krum"])
-def test_every_fedavg_argument_reaches_the_robust_strategy(rule):
-    def evaluate_fn(*_):
-        return None
-
-    def fit_config(_):
-        return {}
-
-    def mean_fn(_):
-        return {}
-
-    s = build_strategy("fedavg", 1.0, 0.0, aggregation=rule, fraction_fit=0.5,
-                       min_fit_clients=5, min_evaluate_clients=5, min_available_clients=5,
-                       initial_parameters=ndarrays_to_parameters([np.zeros(2, np.float32)]),
-                       on_fit_config_fn=fit_config, on_evaluate_config_fn=fit_config,
-                       evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=mean_fn,
-                       evaluate_metrics_aggregation_fn=mean_fn)
-    assert (s.fraction_fit, s.min_fit_clients, s.min_available_clients) == (0.5, 5, 5)
-    assert s.evaluate_fn is evaluate_fn and s.on_fit_config_fn is fit_config
-    assert s.fit_metrics_aggregation_fn is mean_fn is s.evaluate_metrics_aggregation_fn
-    assert s.initial_parameters is not None
-    if rule == "krum":  # its median fallback aggregates the sites' metrics the same way
-        assert s.median.fit_metrics_aggregation_fn is mean_fn
-
-
 # ---- end to end: a real Flower simulation, one of five sites poisoned ----
 # (the poisoning mod is the benchmark's: site0 sends global - 50 x its own update)
 

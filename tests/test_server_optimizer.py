@@ -165,8 +165,10 @@ def test_a_round_with_nothing_to_aggregate_is_not_a_server_step(name):
     assert strategy.steps == 2
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
-def test_every_fedavg_argument_reaches_the_strategy(name):
+@pytest.mark.parametrize("name, rule", [("fedavg", "mean"), ("fedavgm", "mean"),
+                                        ("fedadam", "mean"), ("fedavg", "trimmed_mean"),
+                                        ("fedavg", "median"), ("fedavg", "krum")])
+def test_every_fedavg_argument_reaches_the_strategy(name, rule):
     def evaluate_fn(*_):
         return None
 
@@ -176,7 +178,7 @@ def test_every_fedavg_argument_reaches_the_strategy(name):
     def mean_fn(_):
         return {}
 
-    s = build_strategy(name, 0.1, 0.5, fraction_fit=0.5, fraction_evaluate=1.0,
+    s = build_strategy(name, 0.1, 0.5, aggregation=rule, fraction_fit=0.5, fraction_evaluate=1.0,
                        min_fit_clients=3, min_evaluate_clients=3, min_available_clients=3,
                        initial_parameters=ndarrays_to_parameters([np.zeros(2, np.float32)]),
                        on_fit_config_fn=fit_config, on_evaluate_config_fn=fit_config,
@@ -185,6 +187,11 @@ def test_every_fedavg_argument_reaches_the_strategy(name):
     assert (s.fraction_fit, s.min_fit_clients, s.min_available_clients) == (0.5, 3, 3)
     assert s.evaluate_fn is evaluate_fn and s.on_fit_config_fn is fit_config
     assert s.fit_metrics_aggregation_fn is mean_fn is s.evaluate_metrics_aggregation_fn
+    assert s.initial_parameters is not None
+    if rule == "krum":  # its median fallback aggregates the sites' metrics the same way
+        assert s.median.fit_metrics_aggregation_fn is mean_fn
+    if rule != "mean":
+        return
     mean = {"rule": "mean"}
     assert describe(s) == {
         "fedavg": {"name": "fedavg", "learning_rate": 1.0, "momentum": 0.0, "aggregation": mean},
