@@ -56,6 +56,7 @@ def restore(checkpoint: Checkpoint, strategy) -> None:
     strategy.steps = checkpoint.steps
     strategy.owners = dict(checkpoint.owners)
     strategy.names = {node: name for name, node in checkpoint.owners.items()}
+    strategy.restored = True  # nodes no longer connected free their names at the next round
     strategy.outcomes = dict(checkpoint.outcomes)
     strategy.dtypes = [a.dtype for a in checkpoint.adapter]
     for name, arrays in checkpoint.optimizer.items():

@@ -72,6 +72,7 @@ class SiteAwareStrategy(Strategy):
         self.outcomes: dict[int, str] = {}  # round -> "aggregated" or "skipped: why"
         self.owners: dict[str, str] = {}  # site name -> the node id that first used it
         self.names: dict[str, str] = {}   # node id -> the site name it first used
+        self.restored = False  # bindings from a checkpoint: kept for the nodes still here
 
     def __repr__(self) -> str:
         return f"SiteAwareStrategy({self.inner!r})"
@@ -85,10 +86,26 @@ class SiteAwareStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self.clock.begin("fit" if server_round > 1 else "first_fit")
+        self._forget_gone_nodes(client_manager)
         self.sent = {server_round: parameters_to_ndarrays(parameters)}
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         self.asked[server_round] = {str(proxy.cid) for proxy, _ in instructions}
         return instructions
+
+    def _forget_gone_nodes(self, client_manager: ClientManager) -> None:
+        """After a resume, a name stays bound to its node only if that node is still
+        connected: a restarted simulation, or a SuperNode registered again, has new node
+        ids, and its sites must be able to answer under their names."""
+        if not self.restored:
+            return
+        self.restored = False
+        live = {str(cid) for cid in client_manager.all()}
+        gone = {node for node in self.names if node not in live}
+        for node in gone:
+            self.owners.pop(self.names.pop(node), None)
+        if gone:
+            log.info("resumed: %s site name(s) bound to nodes no longer connected are "
+                     "free to bind again", len(gone))
 
     def _keep_frozen(self, server_round: int, parameters: Parameters) -> Parameters:
         frozen = self.frozen(server_round)

@@ -185,8 +185,19 @@ def test_a_strategy_restored_from_its_checkpoint_steps_as_if_never_stopped(tmp_p
         got = again.aggregate_fit(r, rounds[r - 1], [])[0]
         for g, e in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(expected[r - 1])):
             np.testing.assert_array_equal(g, e)
-    # an impostor of a name bound before the stop is still an impostor after it
+    # an impostor of a name bound before the stop is still an impostor after it, while
+    # the node that holds the name is connected; a name whose node is gone (a restarted
+    # simulation has new node ids) binds again
     record: list = []
     again.record = lambda *row: record.append(row)
     again.aggregate_fit(4, [_fit("9", "site-0")], [])
     assert _rows(record, "train", 4)["node-9"]["status"].startswith("rejected: site name")
+    live = {"0": None, "1": None, "9": None}  # node 2 (site-2) is gone; 12 is new
+    manager = SimpleNamespace(all=lambda: live, num_available=lambda: 3,
+                              wait_for=lambda *a, **k: True, sample=lambda *a, **k: [])
+    again.restored = True
+    again.configure_fit(5, params, manager)
+    again.aggregate_fit(5, [_fit("12", "site-2"), _fit("9", "site-0")], [])
+    rows = _rows(record, "train", 5)
+    assert rows["site-2"]["status"] == "accepted"
+    assert rows["node-9"]["status"].startswith("rejected: site name 'site-0' belongs to node 0")
