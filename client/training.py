@@ -8,6 +8,10 @@ noise-only step, as in Opacus: skipping it would show in the update that it was 
 Sampling draws from the caller's CPU generator; the noise from a generator on the
 model's device seeded from it, so one secret seed drives the round.
 
+A simulated site under `fedcare audit empirical` may hold gradient canaries: records
+whose per-example gradient is replaced, before clipping, by a fixed direction far
+longer than C, so the mechanism (clipping, noise, accounting) is what the audit tests.
+
 The same loops train either the whole classifier on token ids (LoRA + head) or, in a
 head round, only the head on pooled features the frozen encoder computed once: the
 mechanism (sampling, clipping, noise, accounting) is the same; only the cost differs.
@@ -46,6 +50,29 @@ class TrainStats:
 Rows = Encoded | Features  # token ids for the whole classifier, or features for the head
 
 
+@dataclass(frozen=True)
+class GradientCanaries:
+    """Audit records (common/privacy/canaries.py): the per-example gradient of training
+    row r is set to `scale`·C along coordinate `rows[r]` of `target` (the head's weight,
+    flattened) and zero elsewhere, before clipping. A correct mechanism clips it to
+    exactly C; a mechanism that does not clip lets it through `scale` times larger."""
+    target: torch.nn.Parameter
+    rows: dict[int, int]
+    scale: float = 100.0
+
+    def plant(self, params: Sequence[torch.Tensor], piece: Sequence[int],
+              max_grad_norm: float) -> None:
+        at = [(j, self.rows[r]) for j, r in enumerate(piece) if r in self.rows]
+        if not at:
+            return
+        positions = [j for j, _ in at]
+        for p in params:
+            p.grad_sample[positions] = 0.0
+        flat = self.target.grad_sample.view(len(piece), -1)
+        for j, coordinate in at:
+            flat[j, coordinate] = self.scale * max_grad_norm
+
+
 def _forward_loss(model, data: Rows, rows, device) -> torch.Tensor:
     return F.cross_entropy(data.logits(model, rows, device), data.labels[list(rows)].to(device))
 
@@ -54,7 +81,8 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
                   chunk_size: int, device: torch.device, accountant,
                   generator: torch.Generator,
                   progress: Callable[[int, float], None] | None = None,
-                  public_size: int = 0) -> TrainStats:
+                  public_size: int = 0,
+                  canaries: GradientCanaries | None = None) -> TrainStats:
     """`step.steps` DP-SGD steps on `model`; each step is recorded in `accountant`.
     `public_size`: the training-set size the site states (a noisy count); the noisy sum
     is divided by q times it, so the update's scale does not reveal the exact n.
@@ -89,7 +117,8 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
                 noise_step(optimizer)
                 empty += 1
                 continue
-            losses.append(private_batch(gsm, optimizer, data, sampled, chunk_size, device))
+            losses.append(private_batch(gsm, optimizer, data, sampled, chunk_size, device,
+                                        canaries))
             examples += len(sampled)
             if progress:
                 progress(k + 1, losses[-1])
@@ -99,7 +128,7 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
 
 
 def private_batch(gsm, optimizer, data: Rows, rows: Sequence[int], chunk_size: int,
-                  device: torch.device) -> float:
+                  device: torch.device, canaries: GradientCanaries | None = None) -> float:
     """One DP-SGD step on the sampled `rows`, run as chunks; returns the mean loss.
 
     Every chunk but the last only clips and accumulates (a skipped "virtual" step);
@@ -110,6 +139,8 @@ def private_batch(gsm, optimizer, data: Rows, rows: Sequence[int], chunk_size: i
     for j, piece in enumerate(pieces):
         loss = _forward_loss(gsm, data, piece, device)
         loss.backward()
+        if canaries is not None:
+            canaries.plant(optimizer.params, piece, optimizer.max_grad_norm)
         total += loss.detach().item() * len(piece)
         optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
         optimizer.step()

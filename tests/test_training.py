@@ -303,3 +303,39 @@ def test_a_run_id_that_cannot_name_one_folder_is_refused(bad, tmp_path):
         simulated_state_dir(cfg, bad, "site0")
     assert simulated_state_dir(cfg, "20261129-1", "site0") == \
         tmp_path / "20261129-1" / "site_state" / "site0"
+
+
+def test_a_gradient_canary_enters_the_sum_as_exactly_c_along_its_coordinate(setup):
+    """An audit's gradient canary (scale·C along one head coordinate) is clipped to C by
+    the real DPOptimizer, and the rows around it keep their own clipped gradients."""
+    from client.training import GradientCanaries
+    from common.evaluation import pooled_features
+    from common.model import classifier_of, trainable_head
+
+    model, data = setup
+    feats = pooled_features(classifier_of(model), data, DEVICE)
+    head = trainable_head(model)
+
+    def step(rows, canaries):
+        saved = [p.detach().clone() for p in head.parameters()]
+        gsm = GradSampleModule(head, loss_reduction="mean")
+        optimizer = DPOptimizer(torch.optim.SGD(list(head.parameters()), lr=1.0),
+                                noise_multiplier=0.0, max_grad_norm=0.5,
+                                expected_batch_size=4, loss_reduction="mean")
+        private_batch(gsm, optimizer, feats, rows, 3, DEVICE, canaries)
+        gsm._close()
+        moved = [b - p.detach() for b, p in zip(saved, head.parameters())]
+        with torch.no_grad():
+            for p, b in zip(head.parameters(), saved):
+                p.copy_(b)
+        return moved
+
+    plain = step([0, 1, 2, 3], None)
+    alone = step([0, 1, 3], None)
+    canary = GradientCanaries(head.weight, {2: 7})  # row 2's gradient is the canary's
+    moved = step([0, 1, 2, 3], canary)
+    expected_weight = alone[0].flatten().clone()
+    expected_weight[7] += 0.5 / 4  # C / E[B] along coordinate 7, nothing else
+    torch.testing.assert_close(moved[0].flatten(), expected_weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moved[1], alone[1], atol=1e-6, rtol=1e-5)  # bias: untouched
+    assert not torch.allclose(moved[0], plain[0])
