@@ -53,7 +53,7 @@ class RunRecorder:
     the config's simulation and site sections, which describe simulated sites, are
     left out of config.yaml (each site's own δ and budget go to summary.json)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, out=sys.stdout,
+    def __init__(self, run_dir: Path, cfg: Config, out=None,
                  resume_after: int | None = None, deployed: bool = False) -> None:
         self.dir = Path(run_dir)
         metrics = self.dir / "metrics.jsonl"
@@ -95,7 +95,7 @@ class RunRecorder:
         return out[:limit] if limit else out
 
     def say(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        print(line, file=self.out or sys.stdout, flush=True)  # sys.stdout as it is now
 
     def _ledger_path(self, site: str) -> Path | None:
         """ledgers/<site>.jsonl, or None (and a warning) for a name that would leave
