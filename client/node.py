@@ -39,10 +39,14 @@ def site_from_context(cfg: Config, context: Context) -> Site:
         return _deployed_site(cfg, node)
     data, label_names = _simulated_data(cfg, node)
     name = check_name("site name", node.site or f"site{node.partition_id}")
+    if cfg.simulation.canaries:  # an empirical audit's records (simulations only)
+        from common.privacy.canaries import add_to_site
+        data = add_to_site(data, cfg.simulation.canaries, name)
     s = cfg.site
     policy = Policy(node.epsilon_budget or s.budget_of(node.partition_id),
                     node.delta or cfg.privacy.delta, s.min_noise_multiplier,
-                    s.max_noise_multiplier, count_noise=cfg.privacy.count_noise)
+                    s.max_noise_multiplier, count_noise=cfg.privacy.count_noise,
+                    release_evaluation=s.release_evaluation)
     state = (Path(node.state_dir) if node.state_dir
              else Path(s.state_dir) / name if s.state_dir else None)
     return Site(name, data, label_names, policy, state, cfg.privacy.enabled)

@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from client.budget import SiteGuard
 from client.replies import ReplyStore
 from client.node import LOG_FILE, Site, simulated_state_dir, site_from_context
-from client.training import PrivateStep, train_plain, train_private
+from client.training import GradientCanaries, PrivateStep, train_plain, train_private
 from common.config import Config
 from common.data import process_cached
 from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
@@ -123,6 +123,11 @@ class SiteTrainer:
             return self.features(self.train_data), trainable_head(self.model)
         return self.train_data, self.model
 
+    def canaries(self) -> GradientCanaries | None:
+        """The gradient canaries an empirical audit added to this simulated site."""
+        rows = self.site.data.gradient_canaries
+        return GradientCanaries(trainable_head(self.model).weight, dict(rows)) if rows else None
+
     def count_sigma(self, guard: SiteGuard) -> float:
         return guard.count_sigma(self.cfg.privacy.count_noise)
 
@@ -160,7 +165,8 @@ class SiteTrainer:
                 data, module = self._rows_and_module(phase)
                 accountant = accounting.make_accountant(guard.history(), guard.accountant)
                 stats = train_private(module, data, step, phase.learning_rate, t.chunk_size,
-                                      self.device, accountant, gen, public_size=weight)
+                                      self.device, accountant, gen, public_size=weight,
+                                      canaries=self.canaries())
             except accounting.BudgetError as err:
                 return self._refusal(guard, "budget", str(err), secure, metrics, phase,
                                      run_id, round_no)
@@ -332,7 +338,8 @@ class SiteTrainer:
                                       records)
                     accountant = accounting.make_accountant(guard.history(), guard.accountant)
                     train_private(module, data, step, phase.learning_rate, t.chunk_size,
-                                  self.device, accountant, gen, public_size=records)
+                                  self.device, accountant, gen, public_size=records,
+                                  canaries=self.canaries())
                     guard.record_release(run_id, round_no, step, accounting.epsilon(
                         accountant.history, guard.policy.delta, guard.accountant),
                         get_adapter_arrays(self.model), False, "personalize")

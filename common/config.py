@@ -144,6 +144,10 @@ class SiteConfig:
                                       "'' = <run dir>/site_state (fresh sites every run)."})
     min_val_records: int = field(
         default=10, metadata={"help": "A site refuses a validation split smaller than this."})
+    release_evaluation: bool = field(
+        default=True, metadata={"help": "Simulated sites release noisy validation counts "
+                                        "each round (charged to their ε); false = they "
+                                        "evaluate nothing, and train with that ε."})
 
     def __post_init__(self) -> None:
         _check(self.epsilon_budget > 0, "site.epsilon_budget", self.epsilon_budget, "> 0")
@@ -310,6 +314,10 @@ class SimulationConfig:
     cpus_per_site: float = field(default=1.0, metadata={"help": "Ray CPUs per site actor."})
     output_dir: str = field(default="runs", metadata={"help": "Where run directories go."})
     run_name: str = field(default="", metadata={"help": "Run directory name; '' = timestamp."})
+    canaries: str = field(
+        default="", metadata={"help": "Set by `fedcare audit empirical`: a folder of canary "
+                                      "records the simulated sites add to their training "
+                                      "data. A hospital's site never reads it."})
 
     def __post_init__(self) -> None:
         _check(self.num_sites >= 1, "simulation.num_sites", self.num_sites, ">= 1")

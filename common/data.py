@@ -261,6 +261,9 @@ class SiteData:
     train: TextDataset
     val: TextDataset
     fingerprint: str  # identifies the records a privacy budget is spent on
+    # (training row, head-weight coordinate) of the gradient canaries an empirical audit
+    # added (common/privacy/canaries.py); empty everywhere else
+    gradient_canaries: tuple[tuple[int, int], ...] = ()
 
 
 def fingerprint(ds: TextDataset) -> str:
