@@ -74,9 +74,10 @@ def run_dir_for(cfg: Config, run_id: int | str) -> Path:
 
 
 def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
-               resume: bool = False, deployed: bool = False) -> dict:
+               resume: bool = False, deployed: bool = False, observe=None) -> dict:
     """Run the rounds into `run_dir`; with `resume`, go on after the round its
-    checkpoint holds (the same run: same directory, same run id)."""
+    checkpoint holds (the same run: same directory, same run id). `observe`: see
+    SiteAwareStrategy.observe (an empirical audit's view of the updates)."""
     saved = None  # a run stopped before its first checkpoint resumes from round 1
     if resume and (run_dir / checkpoint.CHECKPOINT_FILE).exists():
         saved = checkpoint.load(run_dir)
@@ -128,6 +129,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
         frozen=lambda r: frozen if r <= cfg.train.head_rounds else (),
         norm_bound=fed.update_norm_bound, min_sites=fed.min_sites,
         min_completion=fed.min_completion, secure=lambda r: fit_workflow.rounds.get(r, False))
+    strategy.observe = observe
     if saved:
         if saved.run_id != run_id:
             raise RuntimeError(f"{run_dir / checkpoint.CHECKPOINT_FILE} belongs to run "
@@ -203,7 +205,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
 
 
 def build_app(cfg: Config | None = None, run_dir: Path | None = None,
-              resume: bool = False) -> ServerApp:
+              resume: bool = False, observe=None) -> ServerApp:
     """`cfg` given: in-process simulation; None: read Flower's run config. `resume`
     (or federation.resume in the run config): go on from the run directory's checkpoint."""
     app = ServerApp()
@@ -216,7 +218,7 @@ def build_app(cfg: Config | None = None, run_dir: Path | None = None,
         target = run_dir or run_dir_for(config, context.run_id)
         try:
             run_server(grid, context, config, target, resume=resume or config.federation.resume,
-                       deployed=cfg is None)
+                       deployed=cfg is None, observe=observe)
         except Exception as err:  # keep the reason where the operator looks for the run
             target.mkdir(parents=True, exist_ok=True)
             (target / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")

@@ -73,6 +73,9 @@ class SiteAwareStrategy(Strategy):
         self.owners: dict[str, str] = {}  # site name -> the node id that first used it
         self.names: dict[str, str] = {}   # node id -> the site name it first used
         self.restored = False  # bindings from a checkpoint: kept for the nodes still here
+        # (round, site, global sent, update received) for every reply with arrays, as the
+        # server saw it: how `fedcare audit empirical` scores its gradient canaries
+        self.observe: Callable[[int, str, list, list], None] | None = None
 
     def __repr__(self) -> str:
         return f"SiteAwareStrategy({self.inner!r})"
@@ -197,6 +200,10 @@ class SiteAwareStrategy(Strategy):
         secure = self.secure(server_round)
         accepted, rows, rejected = [], [], 0
         for proxy, res in results:
+            if self.observe is not None:
+                self.observe(server_round, str(dict(res.metrics).get(Keys.SITE, "")),
+                             self.sent.get(server_round, []),
+                             parameters_to_ndarrays(res.parameters))
             row, problem = self._row("train", proxy, dict(res.metrics), res.num_examples)
             if not problem and row.get(Keys.REFUSED):
                 row["status"] = "refused"

@@ -39,9 +39,10 @@ def quiet_libraries() -> None:
 
 
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
-             client_mods=(), resume: bool = False) -> Path:
+             client_mods=(), resume: bool = False, observe=None) -> Path:
     """Run the federation described by `cfg`; returns the run directory.
-    `client_mods` are extra Flower mods for every site (see client.app.build_app).
+    `client_mods` are extra Flower mods for every site (see client.app.build_app);
+    `observe` sees every update the server receives (SiteAwareStrategy.observe).
     `resume`: go on with the run in `run_dir` after its last checkpointed round."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -68,7 +69,7 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
-        server_app=build_server_app(cfg, run_dir, resume=resume),
+        server_app=build_server_app(cfg, run_dir, resume=resume, observe=observe),
         client_app=build_client_app(cfg, client_mods),
         num_supernodes=sim.num_sites,
         backend_config={

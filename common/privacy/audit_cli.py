@@ -1,4 +1,5 @@
-"""`fedcare audit verify|report`: the auditor's commands.
+"""`fedcare audit verify|report`: the auditor's commands (and `empirical`, which runs a
+simulation, added by simulations/cli.py).
 
     fedcare audit verify RUN_DIR_OR_LEDGER [--trusted-keys DIR] [--tolerance 0.01]
     fedcare audit report RUN_DIR_OR_LEDGER [--output FILE.html]
@@ -20,11 +21,14 @@ from common.privacy.report import dataset_summaries, format_epsilon, write_repor
 from common.privacy.verify import VerifyInputError, verify_path
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `audit` command to a CLI's subparsers; each leaf sets func(args) -> int."""
+def register(subparsers: argparse._SubParsersAction,
+             more=None) -> argparse.ArgumentParser:
+    """Add the `audit` command to a CLI's subparsers; each leaf sets func(args) -> int.
+    `more(commands)` adds further leaves."""
     audit = subparsers.add_parser("audit", help="verify privacy ledgers and report on them")
     audit.set_defaults(func=lambda args: _usage(audit))
-    commands = audit.add_subparsers(dest="audit_command", metavar="{verify,report}")
+    commands = audit.add_subparsers(
+        dest="audit_command", metavar="{verify,report" + (",empirical}" if more else "}"))
 
     verify = commands.add_parser("verify", help="check signatures, chain and every ε claim")
     verify.add_argument("path", type=Path, help="a ledger .jsonl or a run directory")
@@ -41,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     report.add_argument("--trusted-keys", type=Path, default=None,
                         help="folder of <site>.pub.pem keys to pin each site's signature to")
     report.set_defaults(func=run_report)
+    if more:
+        more(commands)
     return audit
 
 

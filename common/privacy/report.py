@@ -37,8 +37,12 @@ def format_epsilon(value: float | None) -> str:
 
 def write_report(path: Path, out_html: Path, out_json: Path,
                  trusted_keys: Path | None = None, tolerance: float = 1e-2) -> dict:
-    """Verify `path`, write the HTML page and its JSON twin, and return the JSON facts."""
+    """Verify `path`, write the HTML page and its JSON twin, and return the JSON facts.
+    A run directory's empirical audit (audit/empirical.json) is shown next to the claims."""
     data = report_data(verify_path(Path(path), trusted_keys, tolerance))
+    empirical = Path(path) / "audit" / "empirical.json"
+    if empirical.is_file():
+        data["empirical"] = json.loads(empirical.read_text())
     Path(out_html).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps(data, indent=2, ensure_ascii=False,
@@ -119,10 +123,31 @@ def render_html(data: dict) -> str:
         f"discretisation error. Trusted keys: "
         f"{e(data['trusted_keys'] or 'none given (keys unpinned)')}.</p>",
     ]
+    if data.get("empirical"):
+        parts.append(_empirical_html(data["empirical"]))
     for site in data["sites"]:
         parts.append(_site_html(site))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _empirical_html(emp: dict) -> str:
+    """The one-run lower bounds (fedcare audit empirical) beside the claimed ε."""
+    e = html.escape
+    control = f" (control: {emp['control']} off)" if emp.get("control") else ""
+    rows = "".join(
+        f"<tr><td>{e(kind)}</td><td>{k['epsilon']:.3f}</td><td>{k['correct']}/"
+        f"{k['guesses']}</td><td>{_g(k['auc']) or '-'}</td>"
+        f"<td>{'EXCEEDS THE CLAIM' if k['exceeds_claim'] else 'below the claim'}</td></tr>"
+        for kind, k in emp["kinds"].items())
+    return (f"<h2>Empirical audit: {e(emp['verdict'])}{e(control)}</h2>"
+            f"<p>Canaries at {e(', '.join(emp['canary_sites']))}, each included with "
+            f"probability ½ ({emp['canaries_per_kind']} of each kind); the view: "
+            f"{e(emp['view'])}. Claimed ε = {emp['claimed_epsilon']:.3f} at δ = "
+            f"{emp['delta']:g}; lower bounds at {emp['confidence']:.0%} confidence "
+            f"(audit/canaries.json holds every score and guess).</p>"
+            "<table><tr><th>canaries</th><th>ε lower bound</th><th>right / guesses</th>"
+            f"<th>membership AUC</th><th></th></tr>{rows}</table>")
 
 
 def _site_html(site: dict) -> str:

@@ -1,0 +1,351 @@
+"""`fedcare audit empirical`: a lower bound on ε, measured from one private run.
+
+One simulation of the configuration, with canaries (common/privacy/canaries.py) in
+the training data of the first `sites` simulated sites, through the same code a run
+takes: the site's DP-SGD loop, Opacus, the accountant, the ledger and the server. Then
+each kind of canary is scored, the one-run bound computed (common/privacy/one_run.py)
+and set against the ε the canary sites' ledgers claim: a bound above a claim is a
+failed audit.
+
+The audit sees each site's own update (secure aggregation off): the operator's view
+without SecAgg+, the most a site's ε must hold against. Its sites release no validation
+counts, so their whole ε goes to training (and the size count): the mechanism under test. Controls break the mechanism
+the way a bug would, from outside the training code: `noise` makes Opacus add no
+noise, `clipping` makes it sum per-example gradients unclipped, while the ledger still
+claims the planned ε. A control claims ε = 1 (the bound one run can show with m = 1000
+canaries tops out near 5.8, so a claim of 8 could never be caught).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common.config import Config
+from common.errors import ConfigError
+from common.privacy import canaries as canary_set
+from common.privacy.one_run import CONFIDENCE, audit, guesses
+
+RESULT_FILE, CANARIES_FILE = "empirical.json", "canaries.json"
+CONTROL_EPSILON = 1.0
+
+
+# -- controls: the mechanism broken in the site's process, as a bug would break it --------
+def _patched(owner, name: str, replacement, msg, context, call_next):
+    """call_next with owner.name replaced for the call's duration."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        return call_next(msg, context)
+    finally:
+        setattr(owner, name, original)
+
+
+def _no_noise(msg, context, call_next):
+    import torch
+    from opacus.optimizers import optimizer
+
+    def silent(std, reference, *args, **kwargs):
+        return torch.zeros_like(reference)
+
+    return _patched(optimizer, "_generate_noise", silent, msg, context, call_next)
+
+
+def _no_clipping(msg, context, call_next):
+    from opacus.optimizers import optimizer
+
+    def unclipped(self) -> None:
+        for p in self.params:
+            grad = self._get_flat_grad_sample(p).to(p.dtype).sum(0)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            optimizer._mark_as_processed(p.grad_sample)
+
+    return _patched(optimizer.DPOptimizer, "clip_and_accumulate", unclipped, msg, context,
+                    call_next)
+
+
+BREAKS = {"noise": _no_noise, "clipping": _no_clipping}
+
+
+class UpdateLog:
+    """What the server saw of the head's weight (labels x features) in each site's update,
+    per round, and the operator's scores of the gradient canaries from it.
+
+    A canary's coordinate also moves with the real gradients (the pull of every record on
+    that class and feature), which is the same whether the canary is in or out and hides
+    it. The score removes what the operator can predict of that pull without knowing the
+    canaries: (1) the part of each row in the span of the encoder's features, estimated
+    from public records (real gradients of a linear head lie in that span; a canary's
+    single coordinate mostly does not); (2) per row, what the other sites' moves predict,
+    fitted on the coordinates that hold no canary. What is left at a canary's coordinate,
+    summed over rounds and weighted by 1 / the round's spread, is its score."""
+
+    def __init__(self, head_index: int, shape: tuple[int, int],
+                 coordinates: dict[str, np.ndarray], basis: np.ndarray | None = None) -> None:
+        self.head_index, self.shape = head_index, shape
+        self.coordinates = coordinates
+        self.basis = basis  # (features, k): orthonormal, the public features' main span
+        self.moves: dict[int, dict[str, np.ndarray]] = {}  # round -> site -> (labels, features)
+
+    def __call__(self, round_no: int, site: str, sent: list, update: list) -> None:
+        if not sent or len(update) <= self.head_index:
+            return
+        move = (np.asarray(update[self.head_index], dtype=np.float64)
+                - np.asarray(sent[self.head_index], dtype=np.float64))
+        if move.shape == self.shape:
+            if self.basis is not None:
+                move = move - move @ self.basis @ self.basis.T
+            self.moves.setdefault(round_no, {})[site] = move
+
+    def scores(self, site: str) -> np.ndarray:
+        """One score per canary of `site`, in its coordinates' order; 0 where the site
+        sent nothing."""
+        at = self.coordinates[site]
+        free = np.ones(self.shape[0] * self.shape[1], dtype=bool)
+        for coordinates in self.coordinates.values():
+            free[coordinates] = False
+        free = free.reshape(self.shape)
+        total = np.zeros(len(at))
+        for moves in self.moves.values():
+            if site not in moves:
+                continue
+            own = moves[site]
+            others = [m for s, m in moves.items() if s != site]
+            if others:
+                own = own - _predicted(own, np.mean(others, axis=0), free)
+            moved = -own.reshape(-1)[at]  # a step goes against the gradient
+            spread = float(moved.var())
+            if spread > 0:
+                total += moved / spread
+        return total
+
+
+def _predicted(own: np.ndarray, others: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Per row, a + b · others, least squares over the row's coordinates without canaries."""
+    out = np.zeros_like(own)
+    for row in range(own.shape[0]):
+        x, y = others[row][free[row]], own[row][free[row]]
+        if len(x) < 3:
+            continue
+        (b, a), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], axis=1), y, rcond=None)
+        out[row] = a + b * others[row]
+    return out
+
+
+def feature_basis(cfg: Config, model, texts: list, rank: int = 32) -> np.ndarray | None:
+    """An orthonormal (features, k) basis of where real gradients of the head's rows
+    live: the top `rank` directions of the pooled features (initial encoder) of each
+    group of `texts` (the public held-out records; the input canaries, whose random
+    labels pull hardest), together. None when the features are too few to leave a
+    canary's coordinate room outside."""
+    import torch
+
+    from common.evaluation import encode, pooled_features
+    from common.model import classifier_of, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.base_model)
+    parts = []
+    for group in texts:
+        data = encode(group, tokenizer, cfg.model.max_length)
+        x = pooled_features(classifier_of(model), data, torch.device("cpu")).x.double()
+        parts.append(np.linalg.svd(x.numpy(), full_matrices=False)[2][:rank])
+    stacked = np.concatenate(parts)
+    if stacked.shape[1] <= 2 * len(stacked):
+        return None
+    q, _ = np.linalg.qr(stacked.T)
+    return q
+
+
+def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
+        run_dir: Path | None = None, verbose: bool = False,
+        say: Callable[[str], None] = print) -> dict:
+    """Audit `cfg`; returns the result written to <run_dir>/audit/empirical.json."""
+    from common.data import held_out
+    from common.model import build_model, load_tokenizer, trainable_head, trainable_names
+    from server.app import run_dir_for
+    from simulations.run import simulate
+
+    cfg = _audited(cfg, m, sites, broken)
+    started = time.perf_counter()
+    run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "audit")
+    _, test = held_out(cfg.data)
+    labels = test.label_names
+    model = build_model(cfg.model.base_model, len(labels), cfg.lora, cfg.model.pooling)
+    head = trainable_head(model)
+    names = trainable_names(model)
+    head_index = next(i for i, n in enumerate(names) if n.endswith("weight")
+                      and ("classifier" in n) and "lora_" not in n)
+    site_names = [f"site{i}" for i in range(sites)]
+    words = canary_set.vocabulary_words(load_tokenizer(cfg.model.base_model))
+    rng = np.random.default_rng(secrets.randbits(128))
+    made = canary_set.make(m, words, labels, head.weight.numel(), site_names, rng)
+    included = canary_set.draw_membership(len(made))  # secret until scoring
+    folder = Path(tempfile.mkdtemp(prefix="fedcare-canaries-"))
+    try:
+        canary_set.write_site_files(folder, made, included)
+        cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(
+            cfg.simulation, canaries=str(folder)))
+        say("audit: the public records' feature span (to tell real gradients from canaries)")
+        log = UpdateLog(head_index, tuple(head.weight.shape),
+                        {s: np.array([c.coordinate for c in made
+                                      if c.kind == "gradient" and c.site == s])
+                         for s in site_names},
+                        feature_basis(cfg, model, [test, _dataset(
+                            [c for c in made if c.kind == "input"], labels)]))
+        say(f"audit: {m} input and {m} gradient canaries at {', '.join(site_names)}, each "
+            f"included with probability 1/2 ({int(included.sum())} in); training"
+            + (f" with the mechanism broken ({broken} off)" if broken else ""))
+        simulate(cfg, run_dir, verbose, client_mods=[BREAKS[broken]] if broken else (),
+                 observe=log)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    say("audit: scoring the canaries")
+    kinds = np.array([c.kind for c in made])
+    scores = {"input": _input_scores(run_dir, [c for c in made if c.kind == "input"]),
+              "gradient": np.concatenate([log.scores(s) for s in site_names])}
+    member = {"input": included[kinds == "input"],
+              "gradient": _by_site(made, included, site_names)}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    claimed = max(float(summary["epsilon_per_site"].get(s) or 0.0) for s in site_names)
+    result, picked = _result(cfg, scores, member, claimed, site_names, broken, m)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["run_dir"] = str(run_dir)
+    out = run_dir / "audit"
+    out.mkdir(exist_ok=True)
+    ordered = _gradient_in_canary_order(made, site_names)
+    canary_set.save(out / CANARIES_FILE, made, included,
+                    {"input": scores["input"], "gradient": scores["gradient"][ordered]},
+                    {"input": picked["input"], "gradient": picked["gradient"][ordered]})
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    from common.privacy.report import write_report  # the run's report, with the bounds
+    write_report(run_dir, run_dir / "audit_report.html", run_dir / "audit_report.json")
+    return result
+
+
+def sweep(cfg: Config, m: int = 1000, sites: int = 1, base: Path | None = None,
+          repeats: int = 3, verbose: bool = False,
+          say: Callable[[str], None] = print) -> tuple[list[dict], bool]:
+    """The full audit: `repeats` audits with fresh canaries and membership, then the
+    noise-off and clipping-off controls, in subfolders of `base`. True when every audit
+    passed and every control was caught."""
+    from server.app import run_dir_for
+
+    base = Path(base).resolve() if base else run_dir_for(cfg, "audit")
+    plan = [(f"run-{i + 1}", "") for i in range(repeats)] + [
+        (f"{broken}-off", broken) for broken in BREAKS]
+    results = []
+    for name, broken in plan:
+        say(f"audit {len(results) + 1}/{len(plan)}: {name}")
+        results.append(run(cfg, m, sites, broken, base / name, verbose, say))
+    ok = all((r["verdict"] == "failed") == bool(r["control"]) for r in results)
+    (base / "empirical_summary.json").write_text(json.dumps(
+        {"ok": ok, "runs": [{k: r[k] for k in ("run_dir", "control", "verdict",
+                                               "claimed_epsilon", "seconds")}
+                            | {kind: r["kinds"][kind]["epsilon"] for kind in r["kinds"]}
+                            | {f"{kind}_auc": r["kinds"][kind]["auc"] for kind in r["kinds"]}
+                            for r in results]}, indent=2) + "\n")
+    return results, ok
+
+
+def _audited(cfg: Config, m: int, sites: int, broken: str) -> Config:
+    if not cfg.privacy.enabled:
+        raise ConfigError("an empirical audit tests the DP mechanism: privacy.enabled is false")
+    if broken and broken not in BREAKS:
+        raise ConfigError(f"--break must be one of {', '.join(BREAKS)} (got {broken!r})")
+    if m < 2:
+        raise ConfigError(f"--canaries must be at least 2 (got {m})")
+    if not 1 <= sites <= cfg.simulation.num_sites:
+        raise ConfigError(f"--sites must be in [1, simulation.num_sites = "
+                          f"{cfg.simulation.num_sites}] (got {sites})")
+    privacy, fed = cfg.privacy, cfg.federation
+    if broken:
+        privacy = dataclasses.replace(privacy, target_epsilon=min(privacy.target_epsilon,
+                                                                  CONTROL_EPSILON))
+    return dataclasses.replace(cfg, privacy=privacy,
+                               federation=dataclasses.replace(fed, secure_aggregation="off"),
+                               site=dataclasses.replace(cfg.site, release_evaluation=False))
+
+
+def _by_site(made, included, site_names) -> np.ndarray:
+    """Gradient canaries' membership in the order UpdateLog scores them (site by site)."""
+    return np.concatenate([[inside for c, inside in zip(made, included)
+                            if c.kind == "gradient" and c.site == s] for s in site_names])
+
+
+def _gradient_in_canary_order(made, site_names) -> np.ndarray:
+    """For the k-th gradient canary in canary order, its position in site-by-site order."""
+    grad = [c for c in made if c.kind == "gradient"]
+    by_site = sorted(range(len(grad)), key=lambda k: site_names.index(grad[k].site))
+    position = np.empty(len(grad), dtype=int)
+    position[by_site] = np.arange(len(grad))
+    return position
+
+
+def _input_scores(run_dir: Path, inputs) -> np.ndarray:
+    """Minus the final global model's cross-entropy on each input canary."""
+    import torch
+
+    from common.evaluation import encode, pooled_features, predict_probs
+    from common.model import classifier_of, load_adapter, trainable_head
+
+    model, tokenizer, labels = load_adapter(run_dir / "adapter")
+    ds = _dataset(inputs, labels)
+    device = torch.device("cpu")
+    data = encode(ds, tokenizer, tokenizer.model_max_length)  # as the adapter was trained
+    probs = predict_probs(trainable_head(model), pooled_features(classifier_of(model), data,
+                                                                 device), device)
+    picked = probs[np.arange(len(inputs)), np.asarray(ds.labels)]
+    return np.log(np.clip(picked, 1e-30, None))
+
+
+def _dataset(made, labels):
+    from common.data import TextDataset
+
+    return TextDataset(tuple(c.text for c in made), tuple(labels.index(c.label) for c in made),
+                       tuple(canary_set.GROUP for _ in made), tuple(labels))
+
+
+def _result(cfg: Config, scores: dict, member: dict, claimed: float, site_names,
+            broken: str, m: int) -> tuple[dict, dict]:
+    delta = cfg.privacy.delta
+    kinds, picked = {}, {}
+    for kind in ("input", "gradient"):
+        found = audit(scores[kind], member[kind], delta)
+        picked[kind] = guesses(scores[kind], found.k_in, found.k_out)
+        kinds[kind] = {**dataclasses.asdict(found), "canaries": int(len(member[kind])),
+                       "auc": None if math.isnan(found.auc) else found.auc,
+                       "included": int(np.sum(member[kind])),
+                       "exceeds_claim": found.epsilon > claimed}
+    failed = any(k["exceeds_claim"] for k in kinds.values())
+    return {
+        "verdict": "failed" if failed else "passed",
+        "claimed_epsilon": claimed, "delta": delta, "confidence": CONFIDENCE,
+        "canary_sites": list(site_names), "canaries_per_kind": m,
+        "control": broken or None,
+        "view": "each site's own update (secure aggregation off)",
+        "kinds": kinds,
+    }, picked
+
+
+def describe(result: dict) -> str:
+    """The audit's outcome in a few lines for the terminal."""
+    lines = []
+    for kind, k in result["kinds"].items():
+        auc = "" if k["auc"] is None else f", membership AUC {k['auc']:.3f}"
+        lines.append(f"  {kind:8s} canaries: ε ≥ {k['epsilon']:.3f} at "
+                     f"{result['confidence']:.0%} ({k['correct']}/{k['guesses']} guesses "
+                     f"right{auc})" + ("  EXCEEDS THE CLAIM" if k["exceeds_claim"] else ""))
+    control = f" [control: {result['control']} off]" if result["control"] else ""
+    head = (f"empirical audit {result['verdict'].upper()}{control}: claimed ε = "
+            f"{result['claimed_epsilon']:.3f} (δ = {result['delta']:g}) at "
+            f"{', '.join(result['canary_sites'])}")
+    return "\n".join([head, *lines])
