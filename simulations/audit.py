@@ -246,6 +246,7 @@ def sweep(cfg: Config, m: int = 1000, sites: int = 1, base: Path | None = None,
     for name, broken in plan:
         say(f"audit {len(results) + 1}/{len(plan)}: {name}")
         results.append(run(cfg, m, sites, broken, base / name, verbose, say))
+        say(describe(results[-1]))
     ok = all((r["verdict"] == "failed") == bool(r["control"]) for r in results)
     (base / "empirical_summary.json").write_text(json.dumps(
         {"ok": ok, "runs": [{k: r[k] for k in ("run_dir", "control", "verdict",

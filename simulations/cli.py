@@ -69,9 +69,16 @@ def cmd_audit_empirical(args) -> int:
             ok = results[0]["verdict"] == "passed"
     except RuntimeError as err:  # the run directory is taken, or the run failed
         raise RunError(str(err)) from None
-    for result in results:
-        print(describe(result))
-        print(f"results: {result['run_dir']}/audit/ ({result['seconds']:.0f} s)")
+    if args.full:
+        bad = [Path(r["run_dir"]).name for r in results
+               if (r["verdict"] == "failed") != bool(r["control"])]
+        print("full audit PASSED: every audit below its claim, both controls caught" if ok
+              else f"full audit FAILED: {', '.join(bad)} (an audit above its claim, or a "
+                   "control the audit did not catch)")
+        print(f"results: {Path(results[0]['run_dir']).parent}/empirical_summary.json")
+    else:
+        print(describe(results[0]))
+        print(f"results: {results[0]['run_dir']}/audit/ ({results[0]['seconds']:.0f} s)")
     return 0 if ok else 1
 
 

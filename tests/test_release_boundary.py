@@ -320,3 +320,27 @@ def test_undeclared_keys_do_not_leave(tiny_model, site_files, tmp_path):
     assert undeclared(clean.content) == []
     assert recorddict_to_fitres(clean.content, keep_input=True).status == Status(
         Code.OK, "Success")
+
+
+def test_a_hospital_never_reads_canaries_or_evaluation_settings_meant_for_simulated_sites(
+        tiny_model, site_files, tmp_path):
+    """A run config naming a folder of audit canaries (and asking simulated sites to
+    evaluate) leaves a hospital's records and policy as its node config says."""
+    import json
+
+    folder = tmp_path / "canaries"
+    folder.mkdir()
+    (folder / "site-a.json").write_text(json.dumps(
+        [{"kind": "gradient", "text": "fever cough", "label": LABELS[0], "coordinate": 3,
+          "site": "site-a"}]))
+    cfg = tiny_config(tiny_model, site_files, simulation={"canaries": str(folder)},
+                      site={"release_evaluation": True})
+    site = site_from_context(cfg, _context(cfg, _node(site_files, tmp_path / "a")))
+    assert site.data.gradient_canaries == ()
+    assert "fever cough" not in site.data.train.texts  # real notes here have four words
+    assert not site.policy.release_evaluation  # node config's default: off
+    simulated = site_from_context(cfg, _context(cfg, {"partition-id": 0, "num-partitions": 2}))
+    assert simulated.data.gradient_canaries == ()  # its name is site0: no file for it
+    (folder / "site0.json").write_text((folder / "site-a.json").read_text())
+    simulated = site_from_context(cfg, _context(cfg, {"partition-id": 0, "num-partitions": 2}))
+    assert simulated.data.gradient_canaries == ((len(simulated.data.train) - 1, 3),)
