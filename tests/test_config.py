@@ -81,3 +81,19 @@ def test_overrides_apply_on_top_of_yaml(tmp_path):
 def test_every_section_is_a_frozen_dataclass():
     for cls in SECTIONS.values():
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "my_hospitals.yaml"],
+                         ids=lambda p: p.name)
+def test_every_shipped_private_config_has_a_delta_its_sites_accept(path):
+    """A site refuses δ above 1/(10 n): a shipped config whose sites would all refuse
+    (the pooled site holds every record) trains nothing."""
+    from client.budget import Policy
+    from common.data import federated_data
+
+    cfg = load_yaml(path)
+    if not cfg.privacy.enabled:
+        return
+    sites, _ = federated_data(cfg.data, cfg.simulation.num_sites, cfg.site.min_val_records)
+    for site in sites:
+        Policy(8.0, cfg.privacy.delta).check_delta(len(site.train))
