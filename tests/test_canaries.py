@@ -78,3 +78,23 @@ def test_the_score_removes_the_pull_of_real_gradients_the_operator_can_predict()
             log(round_no, site, [np.zeros((labels, features))], [move])
     assert auc(log.scores("site0"), inside) > 0.95
     assert auc(log.scores("site0"), inside) > auc(raw, inside) + 0.2
+
+
+def test_the_audit_refuses_what_it_cannot_score_and_always_starts_fresh_sites():
+    from common.config import ConfigError, from_mapping
+    from simulations.audit import _audited
+
+    cfg = from_mapping({"site": {"state_dir": "/somewhere/lasting"},
+                        "simulation": {"num_sites": 4}})
+    audited = _audited(cfg, 1000, 2, "noise")
+    assert audited.site.state_dir == ""  # one audit's spent ε never carries into the next
+    assert audited.federation.secure_aggregation == "off"
+    assert not audited.site.release_evaluation
+    assert audited.privacy.target_epsilon == 1.0  # a control's claim
+    for m, sites, broken, why in [(3, 2, "", "at least 2 per canary site"),
+                                  (100, 5, "", "--sites must be"),
+                                  (100, 1, "gravity", "--break must be")]:
+        with pytest.raises(ConfigError, match=why):
+            _audited(cfg, m, sites, broken)
+    with pytest.raises(ConfigError, match="privacy.enabled is false"):
+        _audited(from_mapping({"privacy": {"enabled": False}}), 100, 1, "")

@@ -48,10 +48,10 @@ def lower_bound(m: int, r: int, v: int, delta: float, beta: float = 1 - CONFIDEN
     if p_value(m, r, v, 0.0, delta) >= beta:
         return 0.0
     low, high = 0.0, 1.0
-    while p_value(m, r, v, high, delta) < beta:  # p-value grows with ε
-        low, high = high, 2 * high
-        if high > EPS_MAX:
-            return EPS_MAX
+    while high < EPS_MAX and p_value(m, r, v, high, delta) < beta:  # p grows with ε
+        low, high = high, min(2 * high, EPS_MAX)
+    if p_value(m, r, v, high, delta) < beta:  # refuted even at the cap
+        return high
     for _ in range(50):
         mid = (low + high) / 2
         low, high = (mid, high) if p_value(m, r, v, mid, delta) < beta else (low, mid)
