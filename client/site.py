@@ -155,7 +155,10 @@ class SiteTrainer:
                 if self.site.policy.require_secure_aggregation and not secure:
                     raise Refusal("plain-round", "the site requires secure aggregation and "
                                                  "this round is not under SecAgg+")
-                self.site.policy.check_delta(len(self.train_data))
+                try:
+                    self.site.policy.check_delta(len(self.train_data))
+                except accounting.BudgetError as err:  # not the budget: δ, which n bounds
+                    raise Refusal("delta", str(err)) from None
                 if guard.released(run_id, round_no, "train"):
                     raise Refusal("repeat", f"round {round_no} of this run was released "
                                             "already and its reply was lost; releasing it "

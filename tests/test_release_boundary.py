@@ -186,7 +186,7 @@ def test_delta_above_one_over_ten_n_is_refused(tiny_model, site_files, tmp_path)
     state = tmp_path / "a"
     cfg = tiny_config(tiny_model, site_files)
     out = _fit(cfg, _node(site_files, state, delta=0.01))  # 108 records: δ ≤ 9.3e-4
-    assert out["metrics"][Keys.REFUSED] == "budget"
+    assert out["metrics"][Keys.REFUSED] == "delta"  # the code says what to change
     assert "δ=0.01 is too large" in _ledger(state)[-1]["reason"]
 
 
