@@ -11,7 +11,7 @@ import pytest
 from common.data import DataError, SiteData, TextDataset
 from common.privacy import canaries
 from common.privacy.one_run import auc
-from simulations.audit import UpdateLog
+from common.privacy.canary_scores import UpdateLog
 
 LABELS = ("a", "b", "c")
 

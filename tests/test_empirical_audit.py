@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _config(tiny_model, site_files, tmp_path) -> Path:
-    # two head rounds of 30 steps: enough for a canary to be sampled ~8 times
+    # two head rounds of 40 steps at q ≈ 0.25: a canary is sampled ~20 times; counts
+    # noised at 20σ cost little, so σ stays below the sites' maximum of 20 even at ε = 1
     cfg = tiny_config(tiny_model, site_files,
-                      train={"head_rounds": 2, "head_steps": 30, "head_batch_size": 32},
+                      train={"head_rounds": 2, "head_steps": 40, "head_batch_size": 48},
+                      privacy={"count_noise": 20.0},
                       simulation={"output_dir": str(tmp_path / "runs")})
     path = tmp_path / "audit.yaml"
     path.write_text(dump_yaml(cfg))

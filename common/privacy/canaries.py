@@ -109,6 +109,12 @@ def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
     return SiteData(added, data.val, data.fingerprint + "+canaries", gradient)
 
 
+def as_dataset(made: Sequence[Canary], labels: Sequence[str]) -> TextDataset:
+    """Canaries as records (text, label), e.g. to compute their features."""
+    return TextDataset(tuple(c.text for c in made), tuple(labels.index(c.label) for c in made),
+                       tuple(GROUP for _ in made), tuple(labels))
+
+
 def save(path: Path, canaries: Sequence[Canary], included: np.ndarray,
          scores: dict[Kind, np.ndarray], guesses: dict[Kind, np.ndarray]) -> None:
     """Every canary with its membership, score and the guess the reported bound used:
