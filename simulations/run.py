@@ -36,6 +36,22 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _RunSimulationNotice) for f in flower.filters):
+        flower.addFilter(_RunSimulationNotice())
+
+
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's "DEPRECATED FEATURE: run_simulation" notice, which a user cannot
+    act on. fedcare stays on `run_simulation` with flwr pinned (==1.42.0 in
+    pyproject.toml): it runs the ServerApp in this process, where `simulate` hands it
+    the run directory, extra site mods and the audit's view of the updates, none of
+    which `flwr run` (a SuperLink and an app subprocess) can take. Moving off it is a
+    change of its own, due before a Flower release removes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("DEPRECATED FEATURE")
+                    and "run_simulation" in str(record.args))
 
 
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,

@@ -138,3 +138,23 @@ def test_a_run_no_site_could_join_fails_and_says_why_and_its_name_is_not_reused(
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds_aggregated"] == 0
     with pytest.raises(RuntimeError, match="already holds a run"):
         simulate(tiny_config(tiny_model, site_files), tmp_path / "run")
+
+
+def test_flowers_run_simulation_notice_is_kept_out_of_the_output_and_nothing_else_is():
+    import logging
+
+    from simulations.run import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # once is enough: the filter is not stacked
+    flower = logging.getLogger("flwr")
+    assert sum(type(f).__name__ == "_RunSimulationNotice" for f in flower.filters) == 1
+
+    def passes(msg: str, *args) -> bool:
+        record = logging.LogRecord("flwr", logging.WARNING, __file__, 1, msg, args, None)
+        return all(f.filter(record) for f in flower.filters)
+
+    assert not passes("DEPRECATED FEATURE: %s\n...",
+                      "The `run_simulation` function is deprecated and will be removed")
+    assert passes("DEPRECATED FEATURE: %s", "Passing `enable_tf_gpu_growth=True`")
+    assert passes("round %s skipped", 3)
