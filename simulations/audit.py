@@ -123,9 +123,8 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
     say("audit: scoring the canaries")
     kinds = np.array([c.kind for c in made])
     scores = {"input": input_scores(run_dir, [c for c in made if c.kind == "input"]),
-              "gradient": np.concatenate([log.scores(s) for s in site_names])}
-    member = {"input": included[kinds == "input"],
-              "gradient": _by_site(made, included, site_names)}
+              "gradient": _gradient_scores(log, made)}
+    member = {kind: included[kinds == kind] for kind in ("input", "gradient")}
     summary = json.loads((run_dir / "summary.json").read_text())
     claimed = max(float(summary["epsilon_per_site"].get(s) or 0.0) for s in site_names)
     result, picked = _result(cfg, scores, member, claimed, site_names, broken, m)
@@ -133,10 +132,7 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
     result["run_dir"] = str(run_dir)
     out = run_dir / "audit"
     out.mkdir(exist_ok=True)
-    ordered = _gradient_in_canary_order(made, site_names)
-    canary_set.save(out / CANARIES_FILE, made, included,
-                    {"input": scores["input"], "gradient": scores["gradient"][ordered]},
-                    {"input": picked["input"], "gradient": picked["gradient"][ordered]})
+    canary_set.save(out / CANARIES_FILE, made, included, scores, picked)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     from common.privacy.report import write_report  # the run's report, with the bounds
     write_report(run_dir, run_dir / "audit_report.html", run_dir / "audit_report.json")
@@ -192,19 +188,14 @@ def _audited(cfg: Config, m: int, sites: int, broken: str) -> Config:
                                                         state_dir=""))
 
 
-def _by_site(made, included, site_names) -> np.ndarray:
-    """Gradient canaries' membership in the order UpdateLog scores them (site by site)."""
-    return np.concatenate([[inside for c, inside in zip(made, included)
-                            if c.kind == "gradient" and c.site == s] for s in site_names])
-
-
-def _gradient_in_canary_order(made, site_names) -> np.ndarray:
-    """For the k-th gradient canary in canary order, its position in site-by-site order."""
+def _gradient_scores(log: UpdateLog, made) -> np.ndarray:
+    """The gradient canaries' scores in canary order (UpdateLog scores each site's own
+    canaries, in the order their coordinates were given to it)."""
     grad = [c for c in made if c.kind == "gradient"]
-    by_site = sorted(range(len(grad)), key=lambda k: site_names.index(grad[k].site))
-    position = np.empty(len(grad), dtype=int)
-    position[by_site] = np.arange(len(grad))
-    return position
+    out = np.zeros(len(grad))
+    for site in log.coordinates:
+        out[[k for k, c in enumerate(grad) if c.site == site]] = log.scores(site)
+    return out
 
 
 def _result(cfg: Config, scores: dict, member: dict, claimed: float, site_names,

@@ -86,10 +86,8 @@ def register_empirical(commands) -> None:
     emp = commands.add_parser(
         "empirical", help="measure a lower bound on ε from one run with canaries; "
                           "exit 1 if it exceeds the claimed ε")
-    emp.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                     help="YAML config (default: the shipped default.yaml)")
-    emp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one setting, as in fedcare simulate")
+    _run_arguments(emp, "write the run (--full: the runs, in subfolders) here instead of a "
+                        "new timestamped folder")
     emp.add_argument("--canaries", type=int, default=1000,
                      help="canaries of each kind, input and gradient (default 1000)")
     emp.add_argument("--sites", type=int, default=1,
@@ -101,10 +99,17 @@ def register_empirical(commands) -> None:
     mode.add_argument("--full", action="store_true",
                       help="three audits with fresh canaries, then both controls, which "
                            "must fail (about five times the quick audit's time)")
-    emp.add_argument("--run-dir", help="write the run (--full: the runs, in subfolders) here "
-                                       "instead of a new timestamped folder")
-    emp.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     emp.set_defaults(func=cmd_audit_empirical)
+
+
+def _run_arguments(parser: argparse.ArgumentParser, run_dir_help: str) -> None:
+    """What every command that runs a simulation takes: config, --set, --run-dir, --verbose."""
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="YAML config (default: the shipped default.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set privacy.target_epsilon=4")
+    parser.add_argument("--run-dir", help=run_dir_help)
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
 def cmd_site_init(args) -> int:
@@ -128,14 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcare", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate N hospitals on this machine")
-    sim.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                     help="YAML config (default: the shipped default.yaml)")
-    sim.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one setting, e.g. --set privacy.target_epsilon=4")
-    sim.add_argument("--run-dir", help="write the run here instead of a new timestamped folder")
+    _run_arguments(sim, "write the run here instead of a new timestamped folder")
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="go on with a stopped run after its last checkpointed round")
-    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
 
     site = sub.add_parser("site", help="a hospital's own state: its ledger signing key")
