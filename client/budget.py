@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -29,10 +28,11 @@ import numpy as np
 
 from client.training import PrivateStep
 from common.privacy import accounting
+from common.privacy.approvals import APP_FIELD
 from common.privacy.keys import load_or_create_site_key, public_key_pem, sign_digest
 from common.privacy.ledger import (GAUSSIAN_MECHANISM, LEDGER_FILE, Ledger,
                                    LedgerTruncatedError, dataset_of,
-                                   discard_incomplete_tail, format_head)
+                                   discard_incomplete_tail, format_head, software_versions)
 
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}
@@ -50,6 +50,7 @@ class Policy:
     count_noise: float = 5.0         # least noise multiplier on any released count
     require_secure_aggregation: bool = False
     release_evaluation: bool = True  # a deployed site's node config turns it on
+    app_sha256: str = ""  # the approved app this site runs under ("" when none is known)
 
     def run_target(self, run_target: float) -> float:
         return min(run_target, self.run_epsilon_cap) if self.run_epsilon_cap else run_target
@@ -61,16 +62,6 @@ class Policy:
             raise accounting.BudgetError(
                 f"δ={self.delta:g} is too large for this dataset: it must be at most "
                 "1/(10 × the number of training records); lower the site's delta")
-
-
-def software_versions() -> dict[str, str]:
-    out = {}
-    for name in ("fedcare", "opacus", "torch", "flwr", "peft", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def update_digest(arrays: Sequence[np.ndarray]) -> str:
@@ -142,14 +133,14 @@ class SiteGuard:
         budget. Later rounds of the run reuse it from the ledger. ε is the site's
         accountant's. Raises BudgetError when no noise level up to the site's maximum
         fits."""
-        for entry in reversed(self.ledger.entries()):
+        for entry in reversed(self.ledger.releases()):
             if (entry["run_id"] == run_id and dataset_of(entry) == self.dataset
                     and entry["kind"] == "train"):
                 return float(entry["noise_multiplier"])
         p, history, counts = self.policy, self.history(), list(counts)
         run_target = p.run_target(run_target)
         this_run = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-                    for e in self.ledger.entries() if e["run_id"] == run_id
+                    for e in self.ledger.releases() if e["run_id"] == run_id
                     and dataset_of(e) == self.dataset and e["steps"] > 0]
         # with nothing spent before this run the two limits are one: the smaller target
         limits = [(this_run + counts, run_target), (history + counts, p.epsilon_budget)] \
@@ -171,7 +162,7 @@ class SiteGuard:
         round): a reply made and then lost (the site stopped before keeping it)."""
         return any(e.get("run_id") == run_id and e.get("round") == round_no
                    and e.get("kind") == kind and dataset_of(e) == self.dataset
-                   for e in self.ledger.entries())
+                   for e in self.ledger.releases())
 
     def projected(self, step: PrivateStep) -> float:
         """The ε the ledger would claim after `step`: never below what is claimed now."""
@@ -216,7 +207,7 @@ class SiteGuard:
         """The training-set size as the site may state it: a noisy count, released (and
         charged) once per data version and read back from the ledger after that. It
         sets the sampling rate and the FedAvg weight, so neither reveals the exact n."""
-        for entry in self.ledger.entries():
+        for entry in self.ledger.releases():
             if entry["kind"] == "size" and entry["data_fingerprint"] == self.fingerprint:
                 return max(1, round(float(entry["released_value"])))
         noisy = self.release_count("size", run_id, round_no, np.asarray([records]), sigma,
@@ -250,7 +241,8 @@ class SiteGuard:
             "mechanism": MECHANISM,
             "delta": self.policy.delta, "accountant": accounting.accountant_name(self.accountant),
             "epsilon_budget": self.policy.epsilon_budget, "secure_aggregation": secure,
-            "software": software_versions(), **fields,
+            "software": software_versions(),
+            **({APP_FIELD: self.policy.app_sha256} if self.policy.app_sha256 else {}), **fields,
         }
 
     def record_release(self, run_id: str, round_no: int, step: PrivateStep,

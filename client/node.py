@@ -21,6 +21,7 @@ from common.config import Config, NodeConfig, from_node_config, from_run_config
 from common.data import (DataError, SiteData, federated_data, process_cached, read_records,
                          site_split)
 from common.names import check_name
+from common.privacy.approvals import AppNotApproved
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,13 @@ def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str,
 
 def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
     name = check_name("site name", node.site)
+    if node.require_approved_app and not node.app_sha256:
+        raise AppNotApproved(
+            "this hospital runs only apps it approved, and this process was not started by "
+            "its approval check: start the ClientApp with `fedcare site clientapp` beside a "
+            "SuperNode in `--isolation process` (docs/run_across_hospitals.md), or set "
+            "require-approved-app = false in the node config to run the operator's code "
+            "unchecked")
     check_name("dataset", node.dataset)
     labels = cfg.data.labels
     if not labels:
@@ -86,7 +94,7 @@ def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
     policy = Policy(node.epsilon_budget, node.delta, node.min_noise_multiplier,
                     node.max_noise_multiplier, node.dataset, node.run_epsilon_cap,
                     node.count_noise, node.require_secure_aggregation,
-                    node.release_evaluation)
+                    node.release_evaluation, node.app_sha256)
     data = site_split(records, node.val_fraction, node.split_seed, node.min_val_records)
     return Site(name, data, labels, policy, Path(node.state_dir), node.private)
 

@@ -85,6 +85,7 @@ CODES = {  # exception class name -> code sent to the server
     "DataError": "data", "ConfigError": "site-config", "BudgetError": "budget",
     "UndeclaredRelease": "undeclared-release", "LedgerIntegrityError": "ledger",
     "LedgerError": "ledger", "FileNotFoundError": "missing-file",
+    "AppNotApproved": "app-not-approved",
 }
 
 

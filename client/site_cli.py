@@ -47,6 +47,8 @@ def register(site_commands: argparse._SubParsersAction) -> None:
     new.add_argument("--delta", type=float, default=None,
                      help="its δ (default: the δ of the ledger's latest entry)")
     new.set_defaults(func=cmd_new_dataset)
+    from client.approval import register as register_approval
+    register_approval(site_commands)
 
 
 def dataset_name(text: str) -> str:
@@ -121,7 +123,7 @@ def cmd_new_dataset(args: argparse.Namespace, out=None) -> int:
         return 2
     try:
         ledger = Ledger(path, load_or_create_site_key(state))
-        latest = (ledger.entries() or [None])[-1]
+        latest = (ledger.releases() or [None])[-1]
         if latest is None:
             raise LedgerError(f"{path} holds no entries; a site's first dataset starts with "
                               "its first release, no declaration needed.")

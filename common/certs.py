@@ -347,6 +347,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 SUPERLINK_PORT = 8000  # flower-superlink's default --port (Fleet, Control, Runtime)
 SUPERNODE_PORT = 9094  # flower-supernode's default --port (its local Runtime API)
+RUNTIME_SECRET = "runtime.secret"  # in the state folder: SuperNode <-> ClientApp process
+RELEASE_PLACEHOLDER = "RELEASE-FOLDER"  # the reviewed fedcare source, the site's own copy
 CONNECTION = "fedcare"  # the connection name the guide adds to $FLWR_HOME/config.toml
 DATABASE_FILE = "superlink.db"  # next to the certificates' folder
 NODE_CONFIG_FILE = "node-config.toml"  # next to the certificates' folder, at a site
@@ -471,7 +473,15 @@ def _report_site(site: SitePaths, out_dir: Path) -> None:
         print(f"  {line}")
     if not ca_cert.is_file():
         print(f"saves the CA certificate it gets from the operator (ca.crt) as {ca_cert},")
-    print("and starts its SuperNode"
+    state = out_dir.parent / STATE_DIR
+    secret = state / RUNTIME_SECRET
+    print("approves the fedcare release it reviewed (its source folder) by hash, signed in "
+          "its ledger:")
+    print(f"  fedcare site approve {q(state)} {RELEASE_PLACEHOLDER} --site {site.name}"
+          ' --reason "the release we reviewed"')
+    print("makes the secret its SuperNode shares with its own ClientApp process:")
+    print(f"  ( umask 077 && mkdir -p {q(state)} && head -c 32 /dev/urandom > {q(secret)} )")
+    print("starts its SuperNode"
           + ("" if hosts else
              f" ({SUPERLINK_PLACEHOLDER}: the SuperLink's address, from the operator)"))
     print(
@@ -479,8 +489,14 @@ def _report_site(site: SitePaths, out_dir: Path) -> None:
         f" --root-certificates {q(ca_cert)}"
         f" --auth-supernode-private-key {q(site.private_key)}"
         f" --node-config {q(node_config)}"
+        f" --isolation process --port {SUPERNODE_PORT}"
+        f" --superexec-auth-secret-file {q(secret)}"
     )
-    print(f"(several SuperNodes on one host: give each its own --port; default {SUPERNODE_PORT})")
+    print("and, beside it, the ClientApp process that runs only approved apps:")
+    print(f"  fedcare site clientapp {q(state)} --runtime-api 127.0.0.1:{SUPERNODE_PORT}"
+          f" --superexec-auth-secret-file {q(secret)}")
+    print(f"(several SuperNodes on one host: give each its own --port, default "
+          f"{SUPERNODE_PORT}, and its clientapp the same in --runtime-api)")
 
 
 def _dial_host(hosts: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,12 @@ class NodeConfig:
     release_evaluation: bool = field(
         default=False, metadata={"help": "Send DP evaluation metrics (a noisy confusion "
                                          "matrix, charged to ε)."})
+    require_approved_app: bool = field(
+        default=True, metadata={"help": "Run only an app this site approved (`fedcare site "
+                                        "approve`), started by `fedcare site clientapp`."})
+    app_sha256: str = field(
+        default="", metadata={"help": "Set by `fedcare site clientapp`: the approved app "
+                                      "this process runs. Not for the node config file."})
     partition_id: int = -1   # set by Flower in a simulation
     num_partitions: int = 0
 
@@ -396,6 +403,8 @@ class NodeConfig:
                "node config max-noise-multiplier", self.max_noise_multiplier,
                "> min-noise-multiplier >= 0")
         _check(self.count_noise > 0, "node config count-noise", self.count_noise, "> 0")
+        _check(self.app_sha256 == "" or re.fullmatch(r"[0-9a-f]{64}", self.app_sha256)
+               is not None, "node config app-sha256", self.app_sha256, "64 hex digits")
         _check_labels("node config labels", self.labels)
 
 

@@ -25,6 +25,7 @@ import yaml
 from common.config import Config, dump_yaml
 from common.keys import Keys
 from common.metrics import weighted_mean
+from common.privacy.approvals import releases
 from common.privacy.ledger import dataset_of, heads_file
 
 
@@ -234,7 +235,8 @@ class RunRecorder:
         path = self.dir / "ledgers" / f"{site}.jsonl"
         try:
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-            return float(json.loads(lines[-1])["delta"]) if lines else None
+            entries = releases([json.loads(line) for line in lines if line.strip()])
+            return float(entries[-1]["delta"]) if entries else None
         except (OSError, ValueError, KeyError, TypeError):
             return None  # an unreadable ledger is the auditor's finding
 
@@ -318,7 +320,7 @@ def _budget_facts(ledger: str, run_id: str) -> dict:
     """The site's budget, what is left of it, and what it had spent on the same dataset
     before this run, read from the signed ledger the site sent (its last entry)."""
     try:
-        entries = [json.loads(line) for line in ledger.splitlines() if line.strip()]
+        entries = releases([json.loads(line) for line in ledger.splitlines() if line.strip()])
         last = entries[-1]
         same = [e for e in entries if dataset_of(e) == dataset_of(last)]
         budget = float(last["epsilon_budget"])

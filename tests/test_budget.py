@@ -152,7 +152,8 @@ def test_the_run_config_cannot_set_a_hospitals_policy_or_switch_off_its_dp(
                       site={"epsilon_budget": 1000.0})
     node = {"site": "site-a", "data-file": str(site_files["sites"][0]),
             "text-column": "note", "label-column": "diagnosis",
-            "state-dir": str(tmp_path / "a"), "epsilon-budget": 3.0, "delta": 1e-6}
+            "state-dir": str(tmp_path / "a"), "epsilon-budget": 3.0, "delta": 1e-6,
+            "require-approved-app": False}
     site = site_from_context(cfg, _hospital_context(cfg, node))
     assert site.private is True  # the server asked for no DP; the hospital did not
     assert (site.policy.epsilon_budget, site.policy.delta) == (3.0, 1e-6)

@@ -370,6 +370,18 @@ def test_cli_add_site_in_the_operators_folder_prints_what_a_site_needs(
     node_config_file = Path(_option(supernode, "--node-config"))
     assert node_config_file == (tmp_path / "node-config.toml").resolve()
     assert f"node config to {node_config_file}" in printed
+    # the hospital's own ClientApp process, sharing the SuperNode's port and secret, and
+    # the approval it needs first, in the site's state folder
+    state = (tmp_path / "state").resolve()
+    assert _option(supernode, "--isolation") == "process"
+    clientapp = _command(printed, "fedcare site clientapp")
+    assert clientapp[3] == str(state)
+    assert _option(clientapp, "--runtime-api") == f"127.0.0.1:{_option(supernode, '--port')}"
+    secret = _option(supernode, "--superexec-auth-secret-file")
+    assert _option(clientapp, "--superexec-auth-secret-file") == secret
+    assert Path(secret).parent == state
+    approve = _command(printed, "fedcare site approve")
+    assert approve[3] == str(state) and _option(approve, "--site") == "site-c"
 
     # the printed node config is complete: with the data path filled in, it is what
     # the ClientApp parses, and it names the site, its state folder and its policy

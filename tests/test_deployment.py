@@ -1,7 +1,10 @@
 """A real deployment on loopback, as docs/run_across_hospitals.md tells it: one
 SuperLink with TLS and SuperNode authentication, three hospitals as real
-`flower-supernode` processes, the app submitted with `flwr run`, and the auditor's
-checks on what comes back.
+`flower-supernode` processes in process isolation, each beside the hospital's own
+ClientApp process (`fedcare site clientapp`) that runs only the app the hospital
+approved, the app submitted with `flwr run`, and the auditor's checks on what comes
+back. Then the same run from a copy of the app with one line changed in `client/`:
+every hospital refuses it, runs none of it and releases nothing.
 
 The operator's and the hospitals' commands are taken from the guide itself and run
 through bash (`guide_command`), with only the address and ports changed for
@@ -32,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from common.certs import add_site
+from common.privacy.approvals import bundle_sha256
 from common.privacy.keys import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE
 from common.privacy.verify import verify_path
@@ -80,6 +84,19 @@ def fedcare_env(fedcare_dir: Path) -> dict:
     env.pop("PYTHONPATH", None)  # the app must come from the FAB, not this checkout
     fedcare_dir.mkdir(parents=True, exist_ok=True)
     return env
+
+
+def release_copy(destination: Path) -> Path:
+    """The app's source as a release holds it: the files git tracks, or would (not the
+    ignored ones such as .venv or runs/), copied to `destination`."""
+    listed = subprocess.run(["git", "-C", str(APP_DIR), "ls-files", "-z", "--cached",
+                             "--others", "--exclude-standard"], check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (APP_DIR / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(APP_DIR / name, destination / name)
+    return destination
 
 
 def free_port() -> int:
@@ -257,10 +274,10 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
 
         # --- SuperNodes: two intruders that must be turned away ---------------------
         def supernode(name: str, key: Path, ca: Path | None, node_config: str,
-                      env: dict, *extra: str) -> subprocess.Popen:
+                      env: dict, *extra: str, port: int = 0) -> subprocess.Popen:
             args = [str(BIN / "flower-supernode"), "--superlink", address,
                     "--auth-supernode-private-key", str(key),
-                    "--node-config", node_config, "--port", str(free_port()), *extra]
+                    "--node-config", node_config, "--port", str(port or free_port()), *extra]
             if ca is not None:
                 args += ["--root-certificates", str(ca)]
             return procs.start(name, args, elsewhere, env)
@@ -307,11 +324,25 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
              envs["site-a"])
         bash("site-init-site-a", guide_command('fedcare site init "$FEDCARE_DIR/state"'),
              envs["site-a"])
-        load_or_create_site_key(hospitals / "site-b" / "state")  # site-c's: at its 1st round
-        for site in ("site-a", "site-b"):
+        load_or_create_site_key(hospitals / "site-b" / "state")  # site-c's: when it approves
+        # every hospital approves the release it reviewed: its own copy of the source
+        approve = guide_command('fedcare site approve "$FEDCARE_DIR/state"')
+        approved = {}
+        for site in BUDGETS:
+            release_copy(hospitals / site / "release")
+            said = bash(f"approve-{site}", approve.replace("site-a", site), envs[site])
+            approved[site] = re.search(r"approved app ([0-9a-f]{64})", said)[1]
+        assert len(set(approved.values())) == 1, approved  # one source, one hash
+        app_hash = approved["site-a"]
+        for site in ("site-a", "site-b", "site-c"):
             shutil.copy(hospitals / site / "state" / PUBLIC_KEY_FILE, trusted / f"{site}.pub.pem")
+        clientapp = guide_command('fedcare site clientapp "$FEDCARE_DIR/state"')
+        ports = {site: free_port() for site in BUDGETS}
+        secret = guide_command("( umask 077 && head -c 32 /dev/urandom")
+        for site in BUDGETS:  # the secret only the hospital's ClientApp process shares
+            bash(f"secret-{site}", secret, envs[site])
         procs.start("site-a", ["bash", "-c", "exec " + loopback(guide_command(
-            "flower-supernode --superlink")).rstrip() + f" --port {free_port()}"],
+            "flower-supernode --superlink")).replace("9094", str(ports["site-a"]))],
             elsewhere, envs["site-a"])
         for site in ("site-b", "site-c"):  # the inline node config
             home = hospitals / site
@@ -321,7 +352,17 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             inline = " ".join(f"{k}={toml_string(v) if isinstance(v, (str, Path)) else v}"
                               for k, v in values.items())
             supernode(site, home / "certs" / "sites" / site / "auth.key",
-                      home / "certs" / "ca.crt", inline, envs[site])
+                      home / "certs" / "ca.crt", inline, envs[site], "--isolation", "process",
+                      "--superexec-auth-secret-file", str(home / "state" / "runtime.secret"),
+                      port=ports[site])
+        for site in BUDGETS:  # the hospital's own ClientApp process beside each SuperNode
+            procs.start(f"clientapp-{site}", ["bash", "-c", "exec " + clientapp.replace(
+                "9094", str(ports[site]))], elsewhere, envs[site])
+        # another local process without the secret, polling site-a's Runtime API too
+        procs.start("clientapp-no-secret", [str(BIN / "fedcare"), "site", "clientapp",
+                                            str(hospitals / "site-a" / "state"),
+                                            "--runtime-api", f"127.0.0.1:{ports['site-a']}"],
+                    elsewhere, envs["site-a"])
 
         for name, (proc, reason) in intruders.items():
             left = 60 - (time.monotonic() - intruders_started)
@@ -373,25 +414,32 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         status = bash("site-status-site-a",
                       guide_command('fedcare site status "$FEDCARE_DIR/state"'), envs["site-a"])
         assert f"ledger {hospitals / 'site-a' / 'state' / LEDGER_FILE}" in status, status
-        shutil.copy(hospitals / "site-c" / "state" / PUBLIC_KEY_FILE, trusted / "site-c.pub.pem")
         for site, budget in BUDGETS.items():
-            log = procs.log(site).read_text(errors="replace")
-            assert f"SuperNode ID: {nodes[site]}" in log, site  # the id in nodes.txt
+            assert f"SuperNode ID: {nodes[site]}" in procs.log(site).read_text(errors="replace")
+            log = procs.log(f"clientapp-{site}").read_text(errors="replace")
+            # the FAB `flwr run` built from the operator's folder has the hash each
+            # hospital built from its own copy: the approval matched and the app ran
+            assert f"app {app_hash} is approved; running it" in log, site
             ledger = hospitals / site / "state" / LEDGER_FILE
             own = verify_path(ledger, trusted)
             assert own.ok and own.sites[0].keys_pinned, [p.message for p in own.problems]
+            assert [(a.app_sha256, a.approved) for a in own.sites[0].approvals] == \
+                [(app_hash, True)]
             entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-            # the noisy size (in the clear), then two updates masked by SecAgg+, under
-            # the node config's budget and δ; no evaluation (off by default at a hospital)
+            # the approval, then the noisy size (in the clear) and two updates masked by
+            # SecAgg+, under the node config's budget and δ, each naming the approved app;
+            # no evaluation (off by default at a hospital)
+            assert entries[0]["kind"] == "approval" and entries[0]["app_sha256"] == app_hash
             assert [(e["kind"], e["round"], e["secure_aggregation"], e["epsilon_budget"],
-                     e["delta"]) for e in entries] == [("size", 1, False, budget, 1e-5),
-                                                       ("train", 1, True, budget, 1e-5),
-                                                       ("train", 2, True, budget, 1e-5)]
-            # the hospital's own SuperNode log says what it released, line by line
+                     e["delta"], e["app_sha256"]) for e in entries[1:]] == [
+                ("size", 1, False, budget, 1e-5, app_hash),
+                ("train", 1, True, budget, 1e-5, app_hash),
+                ("train", 2, True, budget, 1e-5, app_hash)]
+            # the hospital's own ClientApp log says what it released, line by line
             released = [line for line in log.splitlines()
                         if f"fedcare site {site}: release " in line]
             assert all("ε spent" in line for line in released)
-            assert {line.rsplit("ledger seq ", 1)[1][0] for line in released} == {"0", "1", "2"}
+            assert {line.rsplit("ledger seq ", 1)[1][0] for line in released} == {"1", "2", "3"}
             assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == ledger.read_text()
 
         # --- step 6: the auditor -------------------------------------------------------
@@ -407,6 +455,40 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         shutil.copy(trusted / "site-a.pub.pem", swapped / "site-b.pub.pem")
         assert not verify_path(run_dir, swapped).ok
         timings["checked"] = time.monotonic() - t0
+
+        # --- the operator changes one line in client/: every hospital refuses it -------
+        tampered = release_copy(tmp_path / "tampered-app")
+        marker = tmp_path / "tampered-code-ran"
+        app_py = tampered / "client" / "app.py"
+        source = app_py.read_text()
+        app_py.write_text(source.replace("\nFIT_CONFIG = ", f"\nopen({str(marker)!r}, 'w')"
+                                         f".close()\nFIT_CONFIG = ", 1))
+        tampered_hash = bundle_sha256(tampered)
+        assert tampered_hash != app_hash
+        before = {site: (hospitals / site / "state" / LEDGER_FILE).read_bytes()
+                  for site in BUDGETS}
+        rc = procs.run("flwr-run-tampered", ["bash", "-c", run.replace(
+            '"$FEDCARE_APP"', str(tampered))], elsewhere, op_env, RUN_TIMEOUT)
+        timings["tampered_done"] = time.monotonic() - t0
+        stream = procs.log("flwr-run-tampered").read_text(errors="replace")
+        assert rc == 0 and "Successfully started run" in stream, stream
+        bash("flwr-ls-tampered", "flwr ls fedcare --format json", op_env)
+        listed = json.loads(procs.log("flwr-ls-tampered").read_text())
+        assert sorted(r["status"] for r in listed["runs"]) == [
+            "finished:completed", "finished:failed"], listed  # nothing aggregated
+        for site in BUDGETS:
+            log = procs.log(f"clientapp-{site}").read_text(errors="replace")
+            refused = re.findall(r"refused: app ([0-9a-f]{64}) is not approved at this site",
+                                 log)
+            assert set(refused) == {tampered_hash}, site  # the hash of what was submitted
+            assert (hospitals / site / "state" / LEDGER_FILE).read_bytes() == before[site]
+        assert not marker.exists(), "code of the unapproved app ran at a hospital"
+        # the process without the secret was turned away and never handed a task
+        stray = procs.log("clientapp-no-secret").read_text(errors="replace")
+        assert procs.started["clientapp-no-secret"].poll() == 2, stray
+        assert "refused this process" in stray and " run " not in stray, stray
+        assert "SuperExec authentication failed" in procs.log("site-a").read_text(
+            errors="replace")
     except BaseException:
         print(procs.tails(), file=sys.stderr)
         raise

@@ -42,10 +42,13 @@ def _context(cfg, node: dict) -> Context:
                    run_config=cfg.to_run_config())
 
 
+APP = "ab" * 32  # the approved app `fedcare site clientapp` names to the site
+
+
 def _node(files, state: Path, **extra) -> dict:
     return {"site": "site-a", "data-file": str(files["sites"][0]), "text-column": "note",
             "label-column": "diagnosis", "state-dir": str(state), "epsilon-budget": 20.0,
-            "delta": 1e-5, **extra}
+            "delta": 1e-5, "app-sha256": APP, **extra}
 
 
 def _ledger(state: Path) -> list[dict]:
@@ -110,6 +113,7 @@ def test_a_changed_file_spends_from_the_same_budget(tiny_model, site_files, tmp_
     entries = _ledger(state)
     assert len({e["data_fingerprint"] for e in entries}) == 2  # a new data version ...
     assert {e["dataset"] for e in entries} == {"main"}          # ... of the same dataset
+    assert {e["app_sha256"] for e in entries} == {APP}  # each names the app it ran under
     assert entries[-1]["epsilon"] > spent
 
 

@@ -16,7 +16,9 @@ keep their meaning: their fingerprint was the identity.
 Kinds: "train" and "personalize" (DP-SGD steps; a train entry whose update was not
 sent says why in `withheld`), "evaluate" and "size" (one Gaussian-mechanism release of
 a sensitivity-1 statistic: a confusion matrix, a record count with its `released_value`),
-"refusal" and "dataset" (release nothing).
+"refusal" and "dataset" (release nothing); "approval" (an app the hospital approved or
+revoked: common/privacy/approvals.py) is chained and signed like the others but holds
+no release, so budget readers skip it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 import re
 from datetime import datetime, timezone
+from importlib import metadata
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.errors import FedcareError
 from common.names import NAME
+from common.privacy.approvals import APPROVAL, releases, validate as approval_problems
 from common.privacy.keys import public_key_fingerprint, sign_digest, signature_valid
 
 try:
@@ -133,6 +137,8 @@ def validate_fields(fields: dict) -> dict:
     """A normalised copy of caller-provided entry fields, or LedgerEntryError."""
     if not isinstance(fields, dict):
         raise LedgerEntryError(f"A ledger entry must be a dict (got {type(fields).__name__}).")
+    if fields.get("kind") == APPROVAL:
+        return _validate_approval(fields)
     missing = [name for name in REQUIRED_FIELDS if name not in fields]
     if missing:
         raise LedgerEntryError(f"Ledger entry is missing required fields {missing}; "
@@ -159,6 +165,22 @@ def validate_fields(fields: dict) -> dict:
     except (TypeError, ValueError) as exc:
         raise LedgerEntryError(f"Ledger entry is not plain JSON ({exc}); pass only "
                                "str/int/float/bool/None/list/dict values.") from exc
+    return out
+
+
+def _validate_approval(fields: dict) -> dict:
+    wrong = approval_problems(fields)
+    sealed = [name for name in SEALED_FIELDS if name in fields]
+    if wrong or sealed:
+        raise LedgerEntryError(f"An approval entry must hold a site, a 64-hex-digit app_sha256, "
+                               f"approved true/false, by, reason and software, and no "
+                               f"{list(SEALED_FIELDS)}: {'; '.join(wrong) or sealed}.")
+    out = copy.deepcopy(fields)
+    out["time"] = _check_time(out.get("time"))
+    try:
+        canonical_json(out)
+    except (TypeError, ValueError) as exc:
+        raise LedgerEntryError(f"Ledger entry is not plain JSON ({exc}).") from exc
     return out
 
 
@@ -402,6 +424,8 @@ class Ledger:
         return copy.deepcopy(entry)
 
     def _check_against_history(self, entry: dict) -> dict:
+        if entry["kind"] == APPROVAL:
+            return entry  # spends nothing, on no dataset
         dataset, kind = dataset_of(entry), entry["kind"]
         known = self.datasets()
         if kind == "dataset":
@@ -439,17 +463,21 @@ class Ledger:
     def entries(self) -> list[dict]:
         return copy.deepcopy(self._entries)
 
+    def releases(self) -> list[dict]:
+        """Every entry that accounts for ε (all but approvals)."""
+        return copy.deepcopy(releases(self._entries))
+
     def head(self) -> tuple[int, str] | None:
         """(seq, hash) of the last entry; None while the ledger is empty."""
         return (self._entries[-1]["seq"], self._entries[-1]["hash"]) if self._entries else None
 
     def datasets(self) -> list[str]:
         """Every dataset identity in the ledger, in order of first appearance."""
-        return list(dict.fromkeys(dataset_of(e) for e in self._entries))
+        return list(dict.fromkeys(dataset_of(e) for e in releases(self._entries)))
 
     def spent_epsilon(self, dataset: str) -> float:
         """ε spent on `dataset` (across its data versions); 0 for an unknown one."""
-        for entry in reversed(self._entries):
+        for entry in reversed(releases(self._entries)):
             if dataset_of(entry) == dataset:
                 return float(entry["epsilon"])
         return 0.0
@@ -458,8 +486,19 @@ class Ledger:
         """(σ, q, steps) of every release on `dataset`, oldest first; an evaluate or
         size release is (σ, 1.0, 1)."""
         return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-                for e in self._entries
+                for e in releases(self._entries)
                 if dataset_of(e) == dataset and e["kind"] not in RELEASES_NOTHING]
+
+
+def software_versions() -> dict[str, str]:
+    """The versions an entry records of the packages that made it."""
+    out = {}
+    for name in ("fedcare", "opacus", "torch", "flwr", "peft", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _check_time(value: Any) -> str:

@@ -101,7 +101,7 @@ def _site_data(site: SiteResult) -> dict:
             "keys_pinned": site.keys_pinned, "key_fingerprints": list(site.key_fingerprints),
             "epsilon_budgets": budgets, "datasets": dataset_summaries(site.entries),
             "problems": [{"seq": p.seq, "message": p.message} for p in site.problems],
-            "entries": entries}
+            "entries": entries, "approvals": [dataclasses.asdict(a) for a in site.approvals]}
 
 
 def render_html(data: dict) -> str:
@@ -162,6 +162,13 @@ def _site_html(site: dict) -> str:
            f"budget ε = {e(budgets)}.</p>",
            "<p>Key fingerprints: " + ", ".join(f"<code>{e(f)}</code>"
                                                for f in site["key_fingerprints"]) + "</p>"]
+    if site.get("approvals"):
+        out.append("<p>Apps approved by the site (each release names the app it ran under):"
+                   "</p><ul>" + "".join(
+                       f"<li>seq {a['seq']}: {'approved' if a['approved'] else 'revoked'} "
+                       f"<code>{e(str(a['app_sha256']))}</code> by {e(str(a['by']))} "
+                       f"({e(str(a['time']))}): {e(str(a['reason']))}</li>"
+                       for a in site["approvals"]) + "</ul>")
     if site["problems"]:
         out.append("<ul class='problems'>" + "".join(
             f"<li>{e(p['message'])}</li>" for p in site["problems"]) + "</ul>")
@@ -173,7 +180,8 @@ def _site_html(site: dict) -> str:
                 for d in site.get("datasets", []) for v in d["versions"]}
     out.append("<table><tr><th>seq</th><th>round</th><th>kind</th><th>dataset</th>"
                "<th>data</th><th>σ</th><th>q</th><th>steps</th><th>C</th><th>δ</th>"
-               "<th>ε claimed</th><th>ε re-derived (RDP)</th><th>ε (PLD)</th><th>note</th></tr>")
+               "<th>ε claimed</th><th>ε re-derived (RDP)</th><th>ε (PLD)</th><th>app</th>"
+               "<th>note</th></tr>")
     for r in site["entries"]:
         dataset = r.get("dataset") or r["data_fingerprint"]
         version = versions.get((dataset, r["data_fingerprint"]))
@@ -185,7 +193,7 @@ def _site_html(site: dict) -> str:
                  None if version is None else f"v{version}", _g(r["noise_multiplier"]),
                  _g(r["sample_rate"]), r["steps"], _g(r["max_grad_norm"]), _g(r["delta"]),
                  _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"]),
-                 note]
+                 r.get("app_sha256") and r["app_sha256"][:12], note]
         row_class = f" class='{r['kind']}'" if r["kind"] in ("refusal", "dataset") else ""
         out.append(f"<tr{row_class}>" + "".join(
             f"<td>{e('—' if c is None else str(c))}</td>" for c in cells) + "</tr>")

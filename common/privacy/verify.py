@@ -23,6 +23,9 @@ across the dataset's data versions. An evaluate or size entry is one unsampled G
 mechanism: it composes as a Poisson-sampled Gaussian at q = 1. A run directory also
 holds the ledger heads ("seq:hash") the server received from each site; a ledger that
 no longer contains one of them was cut off or rewritten after the server saw it.
+
+Approval entries (common/privacy/approvals.py) account for nothing; once a site
+approves apps, every release it makes must name an app approved at that point.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from common.errors import FedcareError
 from common.privacy.keys import (
     KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
 )
+from common.privacy.approvals import APP_FIELD, APPROVAL, app_problems, releases
 from common.privacy.ledger import (
     HEADS_SUFFIX, RELEASES_NOTHING, chain_problems, heads_file, parse_head, parse_ledger_bytes,
 )
@@ -98,6 +102,17 @@ class EntryResult:
     run_id: str | None = None
     withheld: str | None = None    # a train entry's reason for not sending its update
     released_value: float | None = None  # a size entry's noisy count
+    app_sha256: str | None = None  # the approved app it was made under, when the site says
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    seq: int | None
+    app_sha256: str | None
+    approved: bool  # False: a revocation
+    by: str | None
+    reason: str | None
+    time: str | None
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class SiteResult:
     key_fingerprints: tuple[str, ...]
     entries: tuple[EntryResult, ...]
     problems: tuple[Problem, ...]
+    approvals: tuple[ApprovalResult, ...] = ()  # in ledger order
 
     @property
     def status(self) -> str:
@@ -252,10 +268,15 @@ def _verify_ledger(ledger: Path, trusted_keys: Path | None, tolerance: float,
                  for pos, message in chain_problems(entries, [n for n, _ in good])]
     problems += _check_heads(site, heads_file(ledger), entries)
     pinned, key_problems = _check_signatures(site, ledger, entries, trusted_keys)
-    rows, account_problems = _check_accounting(site, entries, tolerance)
+    rows, account_problems = _check_accounting(site, releases(entries), tolerance)
+    account_problems += [Problem(site, _seq(entries[pos], pos), message)
+                         for pos, message in app_problems(entries)]
+    approvals = tuple(ApprovalResult(_seq(e, pos), _text(e, APP_FIELD), e.get("approved") is True,
+                                     _text(e, "by"), _text(e, "reason"), _text(e, "time"))
+                      for pos, e in enumerate(entries) if e.get("kind") == APPROVAL)
     fingerprints = tuple(sorted({str(e.get("key_fingerprint")) for e in entries}))
     return SiteResult(site, str(ledger), pinned, fingerprints, tuple(rows),
-                      tuple(problems + key_problems + account_problems))
+                      tuple(problems + key_problems + account_problems), approvals)
 
 
 def _check_heads(site: str, heads: Path, entries: list[dict]) -> list[Problem]:
@@ -442,7 +463,8 @@ def _check_accounting(site: str, entries: list[dict],
             seq, _num(entry, "round", int), kind, data, sigma, q, steps,
             _num(entry, "max_grad_norm"), delta, claim, budget, rdp, pld,
             text("reason"), text("time"), text("accountant"), reference, dataset,
-            text("run_id"), text("withheld"), _num(entry, "released_value")))
+            text("run_id"), text("withheld"), _num(entry, "released_value"),
+            text(APP_FIELD)))
     return rows, problems
 
 

@@ -1,0 +1,213 @@
+"""A hospital approves the app it runs: hashes as Flower computes them, signed approval
+entries in the site's ledger that spend nothing, the auditor's check that every release
+names an approved app, and a hospital site that will not start without one. The
+refusal of an unapproved app by `fedcare site clientapp` runs in tests/test_deployment.py
+(real SuperLink and SuperNodes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.node import site_from_context
+from common.config import from_node_config
+from common.privacy.approvals import (
+    AppNotApproved, BundleError, app_problems, approved_apps, bundle_sha256,
+)
+from common.privacy.keys import load_or_create_site_key
+from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntryError, read_entries
+from common.privacy.verify import verify_path
+from simulations.cli import main
+from tests.conftest import tiny_config
+
+PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyapp"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "hospital-test"
+fab-include = ["client/**/*.py"]
+
+[tool.flwr.app.components]
+serverapp = "client.app:server"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+rounds = 1
+"""
+
+
+def write_app(folder: Path, line: str = "VALUE = 1") -> Path:
+    (folder / "client").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(PYPROJECT)
+    (folder / "client" / "__init__.py").write_text("")
+    (folder / "client" / "app.py").write_text(f'"""A tiny app."""\napp = server = None\n{line}\n')
+    (folder / "notes.txt").write_text("not in the bundle (fab-include)\n")
+    return folder
+
+
+def release(entries: list[dict], app: str | None, kind: str = "train") -> dict:
+    """A train entry as a site writes it (under `app`, when it names one)."""
+    spent = 5.0 * (1 + sum(1 for e in entries if e.get("kind") == "train"))  # above true ε
+    entry = {"kind": kind, "site": "site-a", "run_id": "run-1", "round": 1,
+             "data_fingerprint": "sha256:x", "dataset": "main",
+             "mechanism": {"name": "DP-SGD"}, "noise_multiplier": 1.0, "sample_rate": 0.1,
+             "steps": 10, "max_grad_norm": 1.0, "delta": 1e-5, "accountant": "opacus-rdp",
+             "epsilon": spent, "epsilon_budget": 100.0, "update_sha256": "ab" * 32,
+             "secure_aggregation": False, "software": {}}
+    return {**entry, "app_sha256": app} if app else entry
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["site", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# -- the hash ----------------------------------------------------------------------------
+def test_a_source_folder_hashes_to_the_fab_flwr_builds_from_it(tmp_path):
+    app = write_app(tmp_path / "app")
+    out = tmp_path / "built"
+    out.mkdir()
+    subprocess.run([str(Path(sys.executable).with_name("flwr")), "build", "--app", str(app)],
+                   cwd=out, check=True, capture_output=True)
+    (fab,) = out.glob("*.fab")
+    assert bundle_sha256(app) == hashlib.sha256(fab.read_bytes()).hexdigest()
+    assert bundle_sha256(fab) == bundle_sha256(app)  # the .fab itself, as received
+    # another copy of the same source (new times, new folder) is the same bundle ...
+    copy = shutil.copytree(app, tmp_path / "copy")
+    (copy / "notes.txt").write_text("edited outside the bundle\n")
+    assert bundle_sha256(copy) == bundle_sha256(app)
+    # ... and one changed line in the code is not
+    code = copy / "client" / "app.py"
+    code.write_text(code.read_text().replace("VALUE = 1", "VALUE = 2"))
+    assert bundle_sha256(copy) != bundle_sha256(app)
+
+
+def test_what_is_not_an_app_is_refused_by_name(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no pyproject.toml"):
+        bundle_sha256(tmp_path / "empty")
+    (tmp_path / "x.fab").write_text("not a zip")
+    with pytest.raises(BundleError, match="not a FAB"):
+        bundle_sha256(tmp_path / "x.fab")
+    with pytest.raises(BundleError, match="does not exist"):
+        bundle_sha256(tmp_path / "missing")
+
+
+# -- the commands ------------------------------------------------------------------------
+def test_approve_list_and_revoke_are_signed_ledger_entries(tmp_path, capsys):
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    digest = bundle_sha256(app)
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--reason", "reviewed")
+    assert rc == 1 and "--site" in err and not (state / LEDGER_FILE).exists()
+    rc, out, _ = cli(capsys, "approve", str(state), str(app), "--site", "site-a",
+                     "--reason", "release 1.0 reviewed", "--by", "dpo")
+    assert rc == 0 and f"approved app {digest}" in out
+    rc, out, _ = cli(capsys, "approve", str(state), str(app), "--reason", "again")
+    assert rc == 0 and "already approved" in out  # nothing written twice
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--site", "site-b",
+                     "--reason", "x")
+    assert rc == 1 and "site 'site-a'" in err
+    rc, out, _ = cli(capsys, "approvals", str(state))
+    assert rc == 0 and "1 app(s) approved now" in out and "by dpo: release 1.0" in out
+    rc, out, _ = cli(capsys, "revoke", str(state), digest, "--reason", "withdrawn")
+    assert rc == 0 and f"revoked app {digest}" in out
+    rc, _, err = cli(capsys, "revoke", str(state), digest, "--reason", "again")
+    assert rc == 1 and "nothing to revoke" in err
+    rc, out, _ = cli(capsys, "approvals", str(state))
+    assert rc == 0 and "0 app(s) approved now" in out and "revoke" in out
+    entries = read_entries(state / LEDGER_FILE)
+    assert [(e["kind"], e["approved"], e["app_sha256"]) for e in entries] == [
+        ("approval", True, digest), ("approval", False, digest)]
+    assert approved_apps(entries) == {}
+    assert verify_path(state / LEDGER_FILE).ok  # chained and signed by the site key
+
+
+def test_approvals_spend_nothing_and_budgets_skip_them(tmp_path):
+    state = tmp_path / "state"
+    ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
+    app = "cd" * 32
+    ledger.append({"kind": "approval", "site": "site-a", "app_sha256": app, "approved": True,
+                   "by": "dpo", "reason": "reviewed", "software": {}})
+    ledger.append(release(ledger.entries(), app))
+    assert ledger.datasets() == ["main"] and ledger.spent_epsilon("main") == 5.0
+    assert ledger.history("main") == [(1.0, 0.1, 10)]
+    with pytest.raises(LedgerEntryError, match="app_sha256"):
+        ledger.append({"kind": "approval", "site": "site-a", "app_sha256": "short",
+                       "approved": True, "by": "dpo", "reason": "x", "software": {}})
+    report = verify_path(state / LEDGER_FILE)
+    assert report.ok and [e.kind for e in report.sites[0].entries] == ["train"]
+    assert report.sites[0].entries[0].app_sha256 == app
+
+
+def test_verify_reports_releases_under_an_app_not_approved_at_the_time(tmp_path):
+    state = tmp_path / "state"
+    ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
+    good, other = "11" * 32, "22" * 32
+
+    def approval(app: str, approved: bool = True) -> dict:
+        return {"kind": "approval", "site": "site-a", "app_sha256": app,
+                "approved": approved, "by": "dpo", "reason": "r", "software": {}}
+
+    ledger.append(release(ledger.entries(), None))      # seq 0: before approvals: fine
+    ledger.append(approval(good))                       # seq 1
+    ledger.append(release(ledger.entries(), good))      # seq 2: approved
+    ledger.append(release(ledger.entries(), other))     # seq 3: never approved
+    ledger.append(release(ledger.entries(), None))      # seq 4: names no app
+    ledger.append(approval(good, approved=False))       # seq 5
+    ledger.append(release(ledger.entries(), good))      # seq 6: revoked by then
+    assert [pos for pos, _ in app_problems(ledger.entries())] == [3, 4, 6]
+    report = verify_path(state / LEDGER_FILE)
+    assert not report.ok
+    flagged = {p.seq: p.message for p in report.problems}
+    assert set(flagged) == {3, 4, 6}
+    assert other in flagged[3] and "names no app" in flagged[4] and good in flagged[6]
+    assert [(a.seq, a.approved) for a in report.sites[0].approvals] == [(1, True), (5, False)]
+
+
+# -- the site ----------------------------------------------------------------------------
+def test_a_hospital_site_without_an_approved_app_refuses_before_reading_its_data(
+        tiny_model, site_files, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    cfg = tiny_config(tiny_model, site_files)
+    node = {"site": "site-a", "data-file": str(tmp_path / "never-read.csv"),
+            "state-dir": str(tmp_path / "state"), "epsilon-budget": 8.0, "delta": 1e-5}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(AppNotApproved, match="fedcare site clientapp"):
+        site_from_context(cfg, context)  # the data file does not exist: never opened
+    assert not (tmp_path / "state").exists()
+    assert from_node_config({**node, "require-approved-app": False}).require_approved_app \
+        is False
+    with pytest.raises(ValueError, match="app-sha256"):
+        from_node_config({**node, "app-sha256": "not-a-hash"})
+
+
+def test_the_clientapp_refuses_to_start_without_approvals(tmp_path, capsys):
+    rc, _, err = cli(capsys, "clientapp", str(tmp_path / "state"))
+    assert rc == 2 and "approve" in err
+
+
+def test_the_task_process_imports_nothing_of_fedcare_before_the_check():
+    """approved_task.py runs with `python -I` beside fedcare's own packages: if it
+    imported any of them, the approved app's `client`/`common` would be shadowed."""
+    task = Path(__file__).resolve().parents[1] / "client" / "approved_task.py"
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('client', 'common', 'server', 'simulations')))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(task)], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out.strip().replace("'", '"')) == []
