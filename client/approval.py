@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -27,8 +28,18 @@ from pathlib import Path
 from common.privacy.approvals import (
     BundleError, approval_fields, approved_apps, bundle_sha256, check_hash,
 )
-from common.privacy.keys import KeyFileError, load_or_create_site_key
-from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerError, software_versions
+from common.privacy.keys import (
+    PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key, load_public_key,
+    public_key_fingerprint, signature_valid,
+)
+from common.privacy.ledger import (
+    LEDGER_FILE, Ledger, LedgerError, chain_problems, parse_ledger_bytes, software_versions,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
 
 TASK = Path(__file__).with_name("approved_task.py")
 RUNTIME_API = "127.0.0.1:9094"  # flower-supernode's default --port, on loopback
@@ -64,8 +75,15 @@ def register(site_commands: argparse._SubParsersAction) -> None:
     run.add_argument("--superexec-auth-secret-file", type=Path, default=None,
                      help="the secret the SuperNode was given with the same option: only "
                           "a process holding it can take the site's tasks")
-    run.add_argument("--poll", type=float, default=1.0, help="seconds between polls")
+    run.add_argument("--poll", type=_seconds, default=1.0, help="seconds between polls")
     run.set_defaults(func=cmd_clientapp)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text}: give 0.1 to 60 seconds")
+    return value
 
 
 def _who(parser: argparse.ArgumentParser, reason: str) -> None:
@@ -75,8 +93,13 @@ def _who(parser: argparse.ArgumentParser, reason: str) -> None:
 
 
 def _open_ledger(state: Path) -> Ledger:
-    """The site's ledger, opened for appending (which verifies its chain and signatures)."""
-    return Ledger(Path(state) / LEDGER_FILE, load_or_create_site_key(Path(state)))
+    """The site's ledger, opened for appending (which verifies its chain and signatures);
+    a site key is created only for a site with no ledger yet."""
+    state = Path(state)
+    if (state / LEDGER_FILE).exists() and not (state / PRIVATE_KEY_FILE).is_file():
+        raise LedgerError(f"{state} holds a ledger but no {PRIVATE_KEY_FILE}: restore the "
+                          "site's key from its backup; a new key could not sign this ledger.")
+    return Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
 
 
 def _append(args, app: str, approved: bool, site: str | None = None) -> int:
@@ -143,7 +166,9 @@ def cmd_approvals(args, out=None) -> int:
             current[a.app_sha256] = a
         else:
             current.pop(a.app_sha256, None)
-    print(f"site {site.site}: {len(current)} app(s) approved now", file=out)
+    print(f"site {site.site}: {len(current)} app(s) approved now"
+          + ("" if not site.problems else ", but the ledger does not verify, so `fedcare site "
+             "clientapp` honours none of them"), file=out)
     for app, a in current.items():
         print(f"  {app}  since seq {a.seq} ({a.time}), by {a.by}: {a.reason}", file=out)
     print("history:", file=out)
@@ -160,17 +185,35 @@ def cmd_approvals(args, out=None) -> int:
 
 def current_approvals(state: Path) -> tuple[list[str], str]:
     """The approved app hashes, and a sentence on where they come from; none at all
-    when the ledger cannot be read or does not verify (the hospital is told why)."""
+    when the ledger cannot be read or does not verify against the site's public key
+    (the hospital is told why). Read-only, under a shared lock, so never a line the site
+    is writing; a last line cut short by a crash released nothing and is left for the
+    site to set aside when it next opens its ledger."""
+    path = Path(state) / LEDGER_FILE
     try:
-        ledger = _open_ledger(state)
-    except (LedgerError, KeyFileError, OSError) as exc:
-        return [], f"no app is approved: the ledger cannot be used ({exc})"
-    apps = sorted(approved_apps(ledger.entries()))
-    return apps, f"{len(apps)} approved app(s) in {ledger.path}"
+        key = load_public_key(Path(state) / PUBLIC_KEY_FILE)
+        with open(path, "rb") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            data = handle.read()
+    except (KeyFileError, OSError) as exc:
+        return [], f"no app is approved: the ledger cannot be read ({exc})"
+    good, bad = parse_ledger_bytes(data[:data.rfind(b"\n") + 1])
+    entries = [entry for _, entry in good]
+    fingerprint = public_key_fingerprint(key)
+    if bad or chain_problems(entries) or not all(
+            e.get("key_fingerprint") == fingerprint
+            and signature_valid(key, str(e.get("hash")), str(e.get("signature")))
+            for e in entries):
+        return [], (f"no app is approved: {path} does not verify against "
+                    f"{PUBLIC_KEY_FILE} (`fedcare audit verify {path}` says why)")
+    apps = sorted(approved_apps(entries))
+    return apps, f"{len(apps)} approved app(s) in {path}"
 
 
 def cmd_clientapp(args) -> int:
     """Poll the SuperNode's Runtime API; one checked task process per task."""
+    import httpx
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
@@ -204,6 +247,7 @@ def cmd_clientapp(args) -> int:
         interceptors=interceptors, retry_invoker=RetryInvoker(lambda: iter(()), (), 1, None))
     running: list[subprocess.Popen] = []
     waiting = False
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the tasks too (finally)
     try:
         while True:
             running = [p for p in running if p.poll() is None]
@@ -211,12 +255,14 @@ def cmd_clientapp(args) -> int:
                 res = client.AcquireTask(AcquireTaskRequest(
                     supported_task_types=[TaskType.CLIENT_APP]))
                 waiting = False
-            except Exception as exc:  # noqa: BLE001 - the SuperNode may not be up yet
-                if getattr(getattr(exc, "response", None), "status_code", None) == 401:
-                    print(f"error: the SuperNode at {args.runtime_api} refused this process: "
-                          "give it the same --superexec-auth-secret-file as the SuperNode",
-                          file=sys.stderr)
-                    return 2
+            except httpx.HTTPStatusError as exc:
+                code = exc.response.status_code
+                hint = ("give it the same --superexec-auth-secret-file as the SuperNode"
+                        if code == 401 else exc.response.text[:300])
+                print(f"error: the SuperNode at {args.runtime_api} refused this process "
+                      f"(HTTP {code}): {hint}", file=sys.stderr)
+                return 2
+            except httpx.TransportError as exc:  # the SuperNode is not up (yet, or again)
                 if not waiting:
                     say(f"waiting for the SuperNode's Runtime API at {args.runtime_api} "
                         f"({type(exc).__name__})")
@@ -228,12 +274,17 @@ def cmd_clientapp(args) -> int:
                 if now != where:
                     say(now)
                     where = now
-                proc = subprocess.Popen([sys.executable, "-I", str(TASK)],
-                                        stdin=subprocess.PIPE, text=True)
-                proc.stdin.write(json.dumps({"token": res.token, "approved": apps,
-                                             "runtime_api": args.runtime_api}))
-                proc.stdin.close()
-                running.append(proc)
+                job = {"token": res.token, "approved": apps, "runtime_api": args.runtime_api,
+                       "ledger": str((state / LEDGER_FILE).resolve())}
+                try:
+                    proc = subprocess.Popen([sys.executable, "-I", str(TASK)],
+                                            stdin=subprocess.PIPE, text=True)
+                    proc.stdin.write(json.dumps(job))
+                    proc.stdin.close()
+                    running.append(proc)
+                except OSError as exc:  # this task is lost (the SuperNode times it out)
+                    say(f"task {res.task.task_id} of run {res.task.run_id} could not start "
+                        f"its process: {exc}")
                 continue
             time.sleep(args.poll)
     except KeyboardInterrupt:

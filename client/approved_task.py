@@ -16,12 +16,14 @@ site-packages off `sys.path`).
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
-APP_KEY = "app-sha256"  # the node config key that tells the app which approved app it is
+# what the app is told (common/privacy/approvals.py: APPROVED_APP_ENV, APPROVALS_LEDGER_ENV)
+APP_ENV, LEDGER_ENV = "FEDCARE_APPROVED_APP", "FEDCARE_APPROVALS_LEDGER"
 
 
 def say(line: str) -> None:
@@ -67,6 +69,7 @@ def main() -> int:
                             reply_to=message)
             code = 3
         else:
+            os.environ[LEDGER_ENV] = job["ledger"]
             reply = _run_approved(message, context, run, fab, digest)
             status, details, code = SubStatus.COMPLETED, "", 0
     except Exception as exc:  # noqa: BLE001 - reported to the SuperNode like flwr-clientapp
@@ -98,7 +101,7 @@ def _run_approved(message, context, run, fab, digest: str):
     with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
         app_dir = install_from_fab(fab.content, install_dir=Path(tmp) / "app",
                                    skip_prompt=True)
-        context.node_config[APP_KEY] = digest
+        os.environ[APP_ENV] = digest
         load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir),
                                       multi_app=True)
         app = load(run.fab_id, run.fab_version, fab.hash_str)

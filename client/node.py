@@ -11,6 +11,7 @@ only a `partition-id`: its share of the federated data, its policy from the run 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from common.config import Config, NodeConfig, from_node_config, from_run_config
 from common.data import (DataError, SiteData, federated_data, process_cached, read_records,
                          site_split)
 from common.names import check_name
-from common.privacy.approvals import AppNotApproved
+from common.privacy.approvals import APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved
+from common.privacy.ledger import LEDGER_FILE
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,7 @@ def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str,
 
 def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
     name = check_name("site name", node.site)
-    if node.require_approved_app and not node.app_sha256:
-        raise AppNotApproved(
-            "this hospital runs only apps it approved, and this process was not started by "
-            "its approval check: start the ClientApp with `fedcare site clientapp` beside a "
-            "SuperNode in `--isolation process` (docs/run_across_hospitals.md), or set "
-            "require-approved-app = false in the node config to run the operator's code "
-            "unchecked")
+    app = _approved_app(node)
     check_name("dataset", node.dataset)
     labels = cfg.data.labels
     if not labels:
@@ -94,9 +90,32 @@ def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
     policy = Policy(node.epsilon_budget, node.delta, node.min_noise_multiplier,
                     node.max_noise_multiplier, node.dataset, node.run_epsilon_cap,
                     node.count_noise, node.require_secure_aggregation,
-                    node.release_evaluation, node.app_sha256)
+                    node.release_evaluation, app)
     data = site_split(records, node.val_fraction, node.split_seed, node.min_val_records)
     return Site(name, data, labels, policy, Path(node.state_dir), node.private)
+
+
+def _approved_app(node: NodeConfig) -> str:
+    """The approved app this process runs, as the hospital's task process states it; a
+    guard against starting a hospital's site the wrong way (this check is in the app,
+    so it is the app's own word: what enforces approval is `fedcare site clientapp`)."""
+    app = os.environ.get(APPROVED_APP_ENV, "")
+    if not node.require_approved_app:
+        return app
+    if not app:
+        raise AppNotApproved(
+            "this hospital runs only apps it approved, and this process was not started by "
+            "its approval check: start the ClientApp with `fedcare site clientapp` beside a "
+            "SuperNode in `--isolation process` (docs/run_across_hospitals.md), or set "
+            "require-approved-app = false in the node config to run the operator's code "
+            "unchecked")
+    approvals = Path(os.environ.get(APPROVALS_LEDGER_ENV, "")).resolve()
+    ledger = (Path(node.state_dir) / LEDGER_FILE).resolve()
+    if approvals != ledger:
+        raise AppNotApproved(
+            f"`fedcare site clientapp` read its approvals from {approvals}, but this site "
+            f"keeps its ledger at {ledger}: give it the node config's state-dir")
+    return app
 
 
 def simulated_state_dir(cfg: Config, run_id: str, site: str) -> Path:

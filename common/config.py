@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,9 +370,6 @@ class NodeConfig:
     require_approved_app: bool = field(
         default=True, metadata={"help": "Run only an app this site approved (`fedcare site "
                                         "approve`), started by `fedcare site clientapp`."})
-    app_sha256: str = field(
-        default="", metadata={"help": "Set by `fedcare site clientapp`: the approved app "
-                                      "this process runs. Not for the node config file."})
     partition_id: int = -1   # set by Flower in a simulation
     num_partitions: int = 0
 
@@ -403,8 +399,6 @@ class NodeConfig:
                "node config max-noise-multiplier", self.max_noise_multiplier,
                "> min-noise-multiplier >= 0")
         _check(self.count_noise > 0, "node config count-noise", self.count_noise, "> 0")
-        _check(self.app_sha256 == "" or re.fullmatch(r"[0-9a-f]{64}", self.app_sha256)
-               is not None, "node config app-sha256", self.app_sha256, "64 hex digits")
         _check_labels("node config labels", self.labels)
 
 

@@ -17,8 +17,10 @@ import pytest
 
 from client.node import site_from_context
 from common.config import from_node_config
+from client.approval import current_approvals
 from common.privacy.approvals import (
-    AppNotApproved, BundleError, app_problems, approved_apps, bundle_sha256,
+    APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved, BundleError, app_problems,
+    approved_apps, bundle_sha256,
 )
 from common.privacy.keys import load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntryError, read_entries
@@ -192,8 +194,54 @@ def test_a_hospital_site_without_an_approved_app_refuses_before_reading_its_data
     assert not (tmp_path / "state").exists()
     assert from_node_config({**node, "require-approved-app": False}).require_approved_app \
         is False
-    with pytest.raises(ValueError, match="app-sha256"):
-        from_node_config({**node, "app-sha256": "not-a-hash"})
+    with pytest.raises(ValueError, match="not known"):  # only the task process names it
+        from_node_config({**node, "app-sha256": "ab" * 32})
+
+
+def test_the_approvals_must_be_the_sites_own_ledger(tiny_model, site_files, tmp_path,
+                                                      monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    cfg = tiny_config(tiny_model, site_files)
+    node = {"site": "site-a", "data-file": str(site_files["sites"][0]),
+            "state-dir": str(tmp_path / "state"), "epsilon-budget": 8.0, "delta": 1e-5,
+            "text-column": "note", "label-column": "diagnosis"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    monkeypatch.setenv(APPROVED_APP_ENV, "ab" * 32)
+    monkeypatch.setenv(APPROVALS_LEDGER_ENV, str(tmp_path / "other" / LEDGER_FILE))
+    with pytest.raises(AppNotApproved, match="state-dir"):
+        site_from_context(cfg, context)
+    monkeypatch.setenv(APPROVALS_LEDGER_ENV, str(tmp_path / "state" / LEDGER_FILE))
+    site = site_from_context(cfg, context)
+    assert site.policy.app_sha256 == "ab" * 32  # what every entry it writes will name
+
+
+def test_the_clientapp_reads_approvals_only_from_a_ledger_that_verifies(tmp_path, capsys):
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    digest = bundle_sha256(app)
+    assert cli(capsys, "approve", str(state), str(app), "--site", "site-a",
+               "--reason", "reviewed")[0] == 0
+    ledger = state / LEDGER_FILE
+    assert current_approvals(state)[0] == [digest]
+    # a last line cut short by a crash released nothing: the approvals before it hold
+    with ledger.open("ab") as handle:
+        handle.write(b'{"kind": "train", "si')
+    assert current_approvals(state)[0] == [digest]
+    # an edited entry: nothing is approved, and the hospital is told why
+    ledger.write_text(ledger.read_text().split("\n")[0].replace('"r', '"R', 1) + "\n")
+    apps, why = current_approvals(state)
+    assert apps == [] and "does not verify" in why
+    # without its private key the site's ledger is never re-keyed (the auditor's key stays)
+    ledger.unlink()
+    assert cli(capsys, "approve", str(state), str(app), "--site", "site-a",
+               "--reason", "reviewed")[0] == 0
+    public = (state / "site_key.pub.pem").read_bytes()
+    (state / "site_key.pem").unlink()
+    rc, _, err = cli(capsys, "revoke", str(state), digest, "--reason", "x")
+    assert rc == 1 and "restore the site's key" in err
+    assert (state / "site_key.pub.pem").read_bytes() == public
+    assert current_approvals(state)[0] == [digest]  # read with the public key alone
 
 
 def test_the_clientapp_refuses_to_start_without_approvals(tmp_path, capsys):

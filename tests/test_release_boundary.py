@@ -24,6 +24,7 @@ from client.site import SiteClient, SiteTrainer, site_from_context
 from common.data import DataError
 from common.keys import Keys
 from common.model import get_adapter_arrays
+from common.privacy.approvals import APPROVED_APP_ENV
 from common.privacy.ledger import read_entries
 from tests.conftest import LABELS, tiny_config
 
@@ -45,10 +46,16 @@ def _context(cfg, node: dict) -> Context:
 APP = "ab" * 32  # the approved app `fedcare site clientapp` names to the site
 
 
+@pytest.fixture(autouse=True)
+def _approved_app(monkeypatch):
+    """As the hospital's task process states it (client/approved_task.py)."""
+    monkeypatch.setenv(APPROVED_APP_ENV, APP)
+
+
 def _node(files, state: Path, **extra) -> dict:
     return {"site": "site-a", "data-file": str(files["sites"][0]), "text-column": "note",
             "label-column": "diagnosis", "state-dir": str(state), "epsilon-budget": 20.0,
-            "delta": 1e-5, "app-sha256": APP, **extra}
+            "delta": 1e-5, "require-approved-app": False, **extra}
 
 
 def _ledger(state: Path) -> list[dict]:

@@ -25,6 +25,10 @@ from common.errors import FedcareError
 
 APPROVAL = "approval"  # the ledger kind
 APP_FIELD = "app_sha256"  # in an approval, and in every entry made under an approved app
+# How the hospital's task process (client/approved_task.py, which imports nothing of
+# fedcare) tells the app it runs which approved app it is and whose approvals said so.
+APPROVED_APP_ENV = "FEDCARE_APPROVED_APP"
+APPROVALS_LEDGER_ENV = "FEDCARE_APPROVALS_LEDGER"
 REQUIRED = ("kind", "site", APP_FIELD, "approved", "by", "reason", "software")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
