@@ -28,7 +28,7 @@ from pathlib import Path
 from common.privacy.approvals import (
     BundleError, approval_fields, approved_apps, bundle_sha256, check_hash,
 )
-from common.privacy.keys import (
+from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key, load_public_key,
     public_key_fingerprint, signature_valid,
 )

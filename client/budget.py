@@ -29,7 +29,7 @@ import numpy as np
 from client.training import PrivateStep
 from common.privacy import accounting
 from common.privacy.approvals import APP_FIELD
-from common.privacy.keys import load_or_create_site_key, public_key_pem, sign_digest
+from common.privacy.signing import load_or_create_site_key, public_key_pem, sign_digest
 from common.privacy.ledger import (GAUSSIAN_MECHANISM, LEDGER_FILE, Ledger,
                                    LedgerTruncatedError, dataset_of,
                                    discard_incomplete_tail, format_head, software_versions)

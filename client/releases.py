@@ -24,7 +24,7 @@ from logging import ERROR
 
 from flwr.common.logger import log
 
-from common.keys import Keys
+from common.message_keys import Keys
 
 DP_SGD, DP_COUNT, LEDGER, PUBLIC = "DP-SGD", "DP count", "ledger", "public"
 

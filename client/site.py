@@ -22,17 +22,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from flwr.client import NumPyClient
 from flwr.common.logger import log
 
 from client.budget import SiteGuard
-from client.replies import ReplyStore
 from client.node import LOG_FILE, Site, simulated_state_dir, site_from_context
 from client.training import GradientCanaries, PrivateStep, train_plain, train_private
 from common.config import Config
 from common.data import process_cached
 from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
-from common.keys import Keys
+from common.message_keys import Keys
 from common.metrics import class_counts, count_metrics
 from common.model import (build_model, classifier_of, encoder_arrays, get_adapter_arrays,
                           load_tokenizer, pick_device, save_adapter, set_adapter_arrays,
@@ -40,7 +38,7 @@ from common.model import (build_model, classifier_of, encoder_arrays, get_adapte
 from common.names import check_name
 from common.privacy import accounting
 
-__all__ = ["Site", "SiteClient", "SiteTrainer", "simulated_state_dir", "site_from_context"]
+__all__ = ["Site", "SiteTrainer", "simulated_state_dir", "site_from_context"]
 
 
 class Refusal(Exception):
@@ -80,6 +78,17 @@ class SiteTrainer:
         self.val_data: Encoded = process_cached(
             ("val", site.data.val, cfg.model),
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
+
+    def bind(self, run_id: str) -> None:
+        """Once the run is known: a simulated site's state folder, under the run's
+        directory (a hospital's is its node config's)."""
+        if self.site.state_dir is None:
+            self.site = dataclasses.replace(self.site, state_dir=simulated_state_dir(
+                self.cfg, run_id, self.site.name))
+
+    def receive(self, arrays) -> None:
+        """The adapter the server sent, into the site's model."""
+        set_adapter_arrays(self.model, arrays)
 
     def say(self, line: str) -> None:
         """One line of the site's own log (the SuperNode's output, and site.log in its
@@ -379,63 +388,3 @@ def _load_or_make_features(path: Path, data: Encoded, make) -> Features:
     save_file({"x": feats.x.contiguous()}, str(partial))
     partial.replace(path)  # whole or absent: never a half-written file
     return feats
-
-
-class _NoStore:
-    def put(self, *_args) -> None:
-        pass
-
-
-class SiteClient(NumPyClient):
-    """Flower's view of a site: arrays in, declared releases out."""
-
-    def __init__(self, trainer: SiteTrainer) -> None:
-        self.trainer = trainer
-
-    def get_parameters(self, config):
-        raise PermissionError("a site sends its adapter only as a round's DP update")
-
-    def _bind(self, config) -> str:
-        """The run id, checked before it names anything; a simulated site's state
-        folder under the run's directory."""
-        run_id = check_name("run id", str(config.get(Keys.RUN_ID, "")))
-        site = self.trainer.site
-        if site.state_dir is None:
-            self.trainer.site = dataclasses.replace(site, state_dir=simulated_state_dir(
-                self.trainer.cfg, run_id, site.name))
-        return run_id
-
-    def _kept(self, phase: str, run_id: str, round_no: int, secure: bool):
-        """The store of replies, and the reply already sent for this round, if any (a
-        resumed server asks again; the same bytes release nothing new)."""
-        if self.trainer.site.state_dir is None:  # nowhere to keep it: answer afresh
-            return _NoStore(), None
-        replies = ReplyStore(self.trainer.site.state_dir, run_id)
-        kept = replies.get(phase, round_no, secure)
-        if kept is not None:
-            self.trainer.say(f"round {round_no}: asked again for its {phase} (the server "
-                             "resumed); sending the reply already released")
-        return replies, kept
-
-    def fit(self, parameters, config):
-        run_id = self._bind(config)
-        round_no = int(config[Keys.ROUND])
-        secure = bool(config.get(Keys.SECURE_AGGREGATION, False))
-        replies, out = self._kept("fit", run_id, round_no, secure)
-        if out is None:
-            set_adapter_arrays(self.trainer.model, parameters)
-            out = self.trainer.fit(round_no, int(config[Keys.NUM_ROUNDS]), run_id, secure)
-            replies.put("fit", round_no, secure, out)
-        return out["arrays"], out["num_examples"], out["metrics"]
-
-    def evaluate(self, parameters, config):
-        run_id = self._bind(config)
-        round_no = int(config.get(Keys.ROUND, 0))
-        replies, out = self._kept("evaluate", run_id, round_no, False)
-        if out is None:
-            set_adapter_arrays(self.trainer.model, parameters)
-            loss, total, metrics = self.trainer.evaluate(
-                round_no, int(config.get(Keys.NUM_ROUNDS, 0)), run_id)
-            out = {"loss": loss, "num_examples": total, "metrics": metrics}
-            replies.put("evaluate", round_no, False, out)
-        return out["loss"], out["num_examples"], out["metrics"]

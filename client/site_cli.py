@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.errors import run_command
-from common.privacy.keys import (
+from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
 )
 from common.names import check_name

@@ -20,7 +20,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from common.config import Config, FederationConfig, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
-from common.keys import Keys
+from common.message_keys import Keys
 from common.metrics import weighted_mean
 from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
                           save_adapter, set_adapter_arrays, encoder_arrays)

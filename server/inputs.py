@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common.keys import Keys
+from common.message_keys import Keys
 
 Check = Callable[[Any], bool]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from common.config import Config, dump_yaml
-from common.keys import Keys
+from common.message_keys import Keys
 from common.metrics import weighted_mean
 from common.privacy.approvals import releases
 from common.privacy.ledger import dataset_of, heads_file

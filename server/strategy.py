@@ -39,7 +39,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from common.keys import Keys
+from common.message_keys import Keys
 from common.names import check_name
 from server.inputs import bound_norm, check_arrays, check_metrics, check_weight
 

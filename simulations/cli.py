@@ -113,7 +113,7 @@ def _run_arguments(parser: argparse.ArgumentParser, run_dir_help: str) -> None:
 
 
 def cmd_site_init(args) -> int:
-    from common.privacy.keys import (
+    from common.privacy.signing import (
         KeyFileError, load_or_create_site_key, public_key_fingerprint,
     )
 
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     from client.site_cli import register as register_site
     register_site(site_sub)
 
-    from common.certs import register as register_certs
-    from common.predict import register as register_predict
+    from server.certs import register as register_certs
+    from common.assist.predict import register as register_predict
     from common.privacy.audit_cli import register as register_audit
 
     register_predict(sub)

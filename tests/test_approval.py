@@ -22,7 +22,7 @@ from common.privacy.approvals import (
     APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved, BundleError, app_problems,
     approved_apps, bundle_sha256,
 )
-from common.privacy.keys import load_or_create_site_key
+from common.privacy.signing import load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntryError, read_entries
 from common.privacy.verify import verify_path
 from simulations.cli import main

@@ -26,7 +26,7 @@ from common.config import (NODE_KEYS, SECTIONS, Config, ConfigError, NodeConfig,
                            load_yaml)
 from common.data import DataError, TextDataset, read_records
 from common.errors import FedcareError, RunError, run_command
-from common.privacy.keys import load_or_create_site_key, public_key_pem
+from common.privacy.signing import load_or_create_site_key, public_key_pem
 from common.privacy.ledger import LedgerError, LedgerFormatError, canonical_json, read_entries
 from common.privacy.verify import verify_path
 from simulations.cli import _overrides

@@ -1,4 +1,4 @@
-"""Tests for common/certs.py: CA, SuperLink server certificate, SuperNode keys, CLI."""
+"""Tests for server/certs.py: CA, SuperLink server certificate, SuperNode keys, CLI."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from common.certs import (
+from server.certs import (
     DATA_FILE_PLACEHOLDER,
     CertPaths,
     CertsError,

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import add_site
+from server.certs import add_site
 from common.privacy.approvals import bundle_sha256
-from common.privacy.keys import PUBLIC_KEY_FILE, load_or_create_site_key
+from common.privacy.signing import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE
 from common.privacy.verify import verify_path
 from tests.conftest import LABELS, write_records, write_tiny_model

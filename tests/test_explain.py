@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from common.explain import (
+from common.assist.explain import (
     Explanation,
     WordAttribution,
     attribute_texts,

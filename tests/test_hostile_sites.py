@@ -14,7 +14,7 @@ from flwr.common import (Code, EvaluateRes, FitRes, Status, ndarrays_to_paramete
                          parameters_to_ndarrays)
 
 from common.config import Config
-from common.keys import Keys
+from common.message_keys import Keys
 from server import checkpoint
 from server.optimizer import build_strategy
 from server.rounds import NodeFailure

@@ -18,7 +18,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from common.privacy import ledger as ledger_module
-from common.privacy.keys import (
+from common.privacy.signing import (
     InsecureKeyFileError, KeyFileError, load_or_create_site_key, load_public_key,
     public_key_fingerprint, public_key_pem, signature_valid,
 )

@@ -20,7 +20,7 @@ from common.config import LoraConfig
 from common.data import DataError, read_records
 from common.evaluation import collate, encode
 from common.model import build_model, load_adapter, load_tokenizer, save_adapter
-from common.predict import (Prediction, predict_records, predict_texts, read_texts,
+from common.assist.predict import (Prediction, predict_records, predict_texts, read_texts,
                             register, write_predictions)
 from tests.conftest import CUES, LABELS, write_records
 

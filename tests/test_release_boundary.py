@@ -20,9 +20,10 @@ from flwr.compat.common.recorddict_compat import (evaluateins_to_recorddict,
 
 from client.app import build_app
 from client.releases import RELEASES, SiteFailure, undeclared
-from client.site import SiteClient, SiteTrainer, site_from_context
+from client.app import SiteClient
+from client.site import SiteTrainer, site_from_context
 from common.data import DataError
-from common.keys import Keys
+from common.message_keys import Keys
 from common.model import get_adapter_arrays
 from common.privacy.approvals import APPROVED_APP_ENV
 from common.privacy.ledger import read_entries

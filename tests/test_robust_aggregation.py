@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from common.keys import Keys
+from common.message_keys import Keys
 from server.optimizer import build_strategy, describe
 from server.strategy import SiteAwareStrategy
 

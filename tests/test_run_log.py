@@ -10,7 +10,7 @@ import json
 import math
 
 from common.config import Config
-from common.keys import Keys
+from common.message_keys import Keys
 from server.run_log import ALL_SITES, RunRecorder
 
 HEAD = "3:" + "ab" * 32

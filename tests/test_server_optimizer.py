@@ -13,7 +13,7 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
-from common.keys import Keys
+from common.message_keys import Keys
 from server.optimizer import FEDADAM_BETA_2, FEDADAM_TAU, build_strategy, describe
 from server.strategy import SiteAwareStrategy
 

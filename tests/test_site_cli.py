@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client.site_cli import LEDGER_FILE, main
-from common.privacy.keys import load_or_create_site_key
+from common.privacy.signing import load_or_create_site_key
 from common.privacy.ledger import Ledger, LedgerEntryError, read_entries
 from tests.test_ledger import fields, gaussian
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 
-from common.keys import Keys
+from common.message_keys import Keys
 from server.optimizer import build_strategy
 from server.strategy import SiteAwareStrategy
 

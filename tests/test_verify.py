@@ -20,7 +20,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from common.privacy.audit_cli import main, register
-from common.privacy.keys import load_or_create_site_key, public_key_pem
+from common.privacy.signing import load_or_create_site_key, public_key_pem
 from common.privacy.ledger import GENESIS_HASH, canonical_json, read_entries, seal_entry
 from common.privacy import accounting
 from common.privacy.verify import (

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common.errors import run_command
-from common.privacy.keys import KeyFileError
+from common.privacy.signing import KeyFileError
 from common.privacy.report import dataset_summaries, format_epsilon, write_report
 from common.privacy.verify import VerifyInputError, verify_path
 
@@ -113,5 +113,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.func, args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m common.privacy.audit_cli verify ...`: the auditor's
+    sys.exit(main())        # tools run without the rest of fedcare's command line

@@ -40,7 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.errors import FedcareError
 from common.names import NAME
 from common.privacy.approvals import APPROVAL, releases, validate as approval_problems
-from common.privacy.keys import public_key_fingerprint, sign_digest, signature_valid
+from common.privacy.signing import (
+    fsync_directory, public_key_fingerprint, sign_digest, signature_valid,
+)
 
 try:
     import fcntl
@@ -64,7 +66,6 @@ REQUIRED_FIELDS = (
     "accountant", "epsilon", "epsilon_budget", "update_sha256",
     "secure_aggregation", "software",
 )
-OPTIONAL_FIELDS = ("time", "reason", "dataset", "withheld", "released_value")
 SEALED_FIELDS = ("seq", "prev_hash", "key_fingerprint", "hash", "signature")
 _STR = ("site", "run_id", "data_fingerprint", "accountant")
 _INT = ("round", "steps")
@@ -414,8 +415,8 @@ class Ledger:
                 handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())
-            if created and os.name == "posix":
-                _fsync_directory(self.path.parent)
+            if created:
+                fsync_directory(self.path.parent)
         except BaseException as exc:
             self._failed = exc
             raise
@@ -534,11 +535,3 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is not a finite number")
     return value
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

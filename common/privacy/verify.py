@@ -42,7 +42,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 
 from common.errors import FedcareError
-from common.privacy.keys import (
+from common.privacy.signing import (
     KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
 )
 from common.privacy.approvals import APP_FIELD, APPROVAL, app_problems, releases

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from common.assist import control_table, model_max_length
 from common.data import DataError
 from common.evaluation import Encoded, predict_probs
 from common.model import ModelError, load_adapter, pick_device
@@ -147,15 +148,6 @@ def _probabilities(model, tokenizer, texts: list[str], batch_size: int, device,
     return probs, truncated
 
 
-def model_max_length(model, tokenizer) -> int | None:
-    """The longest input (special tokens included) that both tokenizer and model accept;
-    the same limit the explanations use, so the shown probabilities agree."""
-    limits = [tokenizer.model_max_length,
-              getattr(getattr(model, "config", None), "max_position_embeddings", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
-    return min(limits) if limits else None
-
-
 def _check_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
@@ -268,7 +260,7 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path, top_k
     return path
 
 
-_CONTROL = {c: " " for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}  # keep the table intact
+_CONTROL = control_table(" ")  # one line per record: a table row stays whole
 
 
 def format_table(predictions: Sequence[Prediction], threshold: float, width: int = 40) -> str:
@@ -447,7 +439,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _explain(model, tokenizer, labels, predictions, html_path: Path, color: bool) -> None:
-    from common.explain import attribute_texts, render_html, render_terminal
+    from common.assist.explain import attribute_texts, render_html, render_terminal
 
     todo = [(n, p) for n, p in enumerate(predictions, start=1) if not p.error]
     explained = []
@@ -499,11 +491,3 @@ class _progress_bar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="fedcare")
-    _sub = _parser.add_subparsers(dest="command", required=True)
-    register(_sub)
-    _args = _parser.parse_args()
-    sys.exit(_args.func(_args))

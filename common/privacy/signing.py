@@ -53,7 +53,7 @@ def load_or_create_site_key(directory: Path) -> Ed25519PrivateKey:
     _write_new_file(private_path, pem, 0o600, exclusive=True)
     _write_new_file(public_path, public_key_pem(key.public_key()).encode(), 0o644,
                     exclusive=False)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return key
 
 
@@ -152,7 +152,8 @@ def _write_new_file(path: Path, data: bytes, mode: int, exclusive: bool) -> None
         os.close(fd)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a new file's name in `directory` durable (POSIX; elsewhere a no-op)."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)

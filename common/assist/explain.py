@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from captum.attr import LayerIntegratedGradients
 
+from common.assist import control_table, model_max_length
+
 
 @dataclass(frozen=True)
 class WordAttribution:
@@ -220,15 +222,6 @@ def _check_target(name: str, target, model: torch.nn.Module) -> None:
         )
 
 
-def _max_length(model: torch.nn.Module, tokenizer) -> int | None:
-    """The longest input (special tokens included) both tokenizer and model accept."""
-    limits = [tokenizer.model_max_length]
-    config = getattr(model, "config", None)
-    limits.append(getattr(config, "max_position_embeddings", None))
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
-    return min(limits) if limits else None
-
-
 def _attribute_batch(
     model: torch.nn.Module,
     tokenizer,
@@ -240,7 +233,7 @@ def _attribute_batch(
     internal_batch_size: int,
 ) -> list[Explanation]:
     device = next(model.parameters()).device
-    max_length = _max_length(model, tokenizer)
+    max_length = model_max_length(model, tokenizer)
     enc = tokenizer(
         texts,
         padding=True,
@@ -376,9 +369,8 @@ def _strength_scale(expl: Explanation) -> float:
     return max(max((abs(w.score) for w in expl.words), default=0.0), _CHANGE_FLOOR)
 
 
-# Control characters in a note (ESC, CR, ...) could rewrite the reviewer's terminal;
-# replace each by one visible character so character offsets stay valid.
-_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (9, 10)}
+# one visible character for each, so that character offsets stay valid
+_CONTROL = control_table("\ufffd", keep="\t\n")
 
 
 def render_terminal(
