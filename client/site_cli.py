@@ -1,5 +1,6 @@
-"""`fedcare site status|new-dataset`: a hospital operator's view of its own ledger.
+"""`fedcare site`: a hospital's own state, its signing key, ledger and approved apps.
 
+    fedcare site init STATE_DIR
     fedcare site status STATE_DIR
     fedcare site new-dataset STATE_DIR --dataset NAME --reason TEXT [--budget EPS] [--delta D]
 
@@ -7,7 +8,9 @@ status prints, per dataset, the budget, ε spent and left, δ, the data versions
 every entry, and whether the chain and signatures verify (exit 0 verified, 1 not, 2
 no ledger). new-dataset appends a signed "dataset" entry: the hospital declares that
 NAME is new data with a fresh budget, and says why. Both read what the auditor reads:
-verification is `common.privacy.verify`'s, not a second implementation.
+verification is `common.privacy.verify`'s, not a second implementation. init creates
+(or shows) the site's ledger signing key. approve, revoke, approvals and clientapp:
+client/approval.py.
 """
 
 from __future__ import annotations
@@ -18,19 +21,29 @@ from importlib import metadata
 from pathlib import Path
 
 from common.errors import run_command
-from common.privacy.signing import (
-    PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
-)
 from common.names import check_name
 from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
 from common.privacy.report import dataset_summaries, format_epsilon
+from common.privacy.signing import (
+    PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
+    public_key_fingerprint,
+)
 from common.privacy.verify import VerifyInputError, verify_path
 
 NO_DATA = "none"  # a dataset start's data_fingerprint: it releases no data version
 
 
-def register(site_commands: argparse._SubParsersAction) -> None:
-    """Add `status` and `new-dataset` under an existing `fedcare site` parser."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """`fedcare site` and its leaves: init, status, new-dataset, and the approvals'
+    (client/approval.py)."""
+    site = commands.add_parser("site", help="a hospital's own state: its signing key, "
+                                            "ledger and approved apps")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    init = site_commands.add_parser("init", help="create (or show) the site's ledger "
+                                                 "signing key")
+    init.add_argument("state_dir", help="the site's state folder (its node config's "
+                                        "state-dir)")
+    init.set_defaults(func=cmd_init)
     status = site_commands.add_parser(
         "status", help="the site's budget per dataset, its entries, and whether they verify")
     status.add_argument("state_dir", type=Path, help="the site's state folder")
@@ -56,6 +69,19 @@ def dataset_name(text: str) -> str:
         return check_name("--dataset", text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    try:
+        key = load_or_create_site_key(state)
+    except KeyFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"site key: {state / PRIVATE_KEY_FILE} (private, 0600, never leaves this machine)")
+    print(f"public key for the auditor: {state / PUBLIC_KEY_FILE}")
+    print(f"fingerprint: {public_key_fingerprint(key.public_key())}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, out=None) -> int:
@@ -162,9 +188,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedcare site")
-    register(parser.add_subparsers(dest="site_command", required=True))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    """`fedcare site ...` alone: `python -m client.site_cli status STATE_DIR`."""
+    parser = argparse.ArgumentParser(prog="fedcare")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["site", *(sys.argv[1:] if argv is None else argv)])
     return run_command(args.func, args)
 
 

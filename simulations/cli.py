@@ -1,20 +1,17 @@
-"""fedcare: federated, differentially private LoRA fine-tuning for clinical text.
-
-The command is thin: it parses arguments and calls the functions the apps call.
-Bad input (a FedcareError: a config key, a data file's line, a ledger line) is printed
-as one line, ``error: <message>``, with exit status 2; anything else keeps its traceback.
+"""The researcher's commands: `fedcare simulate` and `fedcare audit empirical` (which
+runs a simulation with canaries). Registered for the `fedcare` command (common/cli.py)
+in pyproject.toml.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
 from common.config import ConfigError, check_simulation, load_yaml
-from common.errors import RunError, run_command
+from common.errors import RunError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -82,7 +79,8 @@ def cmd_audit_empirical(args) -> int:
     return 0 if ok else 1
 
 
-def register_empirical(commands) -> None:
+def register_empirical(commands: argparse._SubParsersAction) -> None:
+    """`fedcare audit empirical`, a leaf of the auditor's `audit`."""
     emp = commands.add_parser(
         "empirical", help="measure a lower bound on ε from one run with canaries; "
                           "exit 1 if it exceeds the claimed ε")
@@ -112,54 +110,10 @@ def _run_arguments(parser: argparse.ArgumentParser, run_dir_help: str) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
-def cmd_site_init(args) -> int:
-    from common.privacy.signing import (
-        KeyFileError, load_or_create_site_key, public_key_fingerprint,
-    )
-
-    state = Path(args.state_dir)
-    try:
-        key = load_or_create_site_key(state)
-    except KeyFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"site key: {state / 'site_key.pem'} (private, 0600, never leaves this machine)")
-    print(f"public key for the auditor: {state / 'site_key.pub.pem'}")
-    print(f"fingerprint: {public_key_fingerprint(key.public_key())}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedcare", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="simulate N hospitals on this machine")
+def register(commands: argparse._SubParsersAction) -> None:
+    """`fedcare simulate`."""
+    sim = commands.add_parser("simulate", help="simulate N hospitals on this machine")
     _run_arguments(sim, "write the run here instead of a new timestamped folder")
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="go on with a stopped run after its last checkpointed round")
     sim.set_defaults(func=cmd_simulate)
-
-    site = sub.add_parser("site", help="a hospital's own state: its ledger signing key")
-    site_sub = site.add_subparsers(dest="site_command", required=True)
-    init = site_sub.add_parser("init", help="create (or show) the site's ledger signing key")
-    init.add_argument("state_dir", help="the site's state folder (its node config's state-dir)")
-    init.set_defaults(func=cmd_site_init)
-    from client.site_cli import register as register_site
-    register_site(site_sub)
-
-    from server.certs import register as register_certs
-    from common.assist.predict import register as register_predict
-    from common.privacy.audit_cli import register as register_audit
-
-    register_predict(sub)
-    register_audit(sub, more=register_empirical)
-    register_certs(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

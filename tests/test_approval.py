@@ -25,7 +25,7 @@ from common.privacy.approvals import (
 from common.privacy.signing import load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntryError, read_entries
 from common.privacy.verify import verify_path
-from simulations.cli import main
+from common.cli import main
 from tests.conftest import tiny_config
 
 PYPROJECT = """\

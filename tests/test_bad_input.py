@@ -54,7 +54,7 @@ def command(tmp_path_factory):
     test (the command imports torch, seconds on a shared CPU) and read by the last."""
     bad = tmp_path_factory.mktemp("cli") / "bad.yaml"
     bad.write_text("- privacy\n- federation\n")
-    process = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", str(bad)],
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", str(bad)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     yield process, bad

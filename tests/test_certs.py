@@ -1,4 +1,4 @@
-"""Tests for server/certs.py: CA, SuperLink server certificate, SuperNode keys, CLI."""
+"""Tests for server/certs.py and server/certs_cli.py: CA, SuperLink server certificate, SuperNode keys, CLI."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from server.certs import (
-    DATA_FILE_PLACEHOLDER,
     CertPaths,
     CertsError,
     DuplicateSiteError,
@@ -33,8 +32,8 @@ from server.certs import (
     TargetExistsError,
     add_site,
     init_certs,
-    register,
 )
+from server.certs_cli import DATA_FILE_PLACEHOLDER, register
 from common.config import from_node_config
 
 

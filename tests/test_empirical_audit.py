@@ -12,7 +12,7 @@ import pytest
 
 from common.config import dump_yaml
 from common.privacy.one_run import CONFIDENCE, counts, grid, lower_bound
-from simulations.cli import main
+from common.cli import main
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -111,7 +111,7 @@ def test_new_dataset_rejects_names_that_are_not_plain(state, name, capsys):
 
 def test_the_fedcare_command_registers_the_site_commands(state):
     from client.budget import LEDGER_FILE as written
-    from simulations.cli import build_parser
+    from common.cli import build_parser
 
     assert written == LEDGER_FILE
     args = build_parser().parse_args(["site", "status", str(state)])

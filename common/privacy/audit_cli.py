@@ -1,5 +1,5 @@
 """`fedcare audit verify|report`: the auditor's commands (and `empirical`, which runs a
-simulation, added by simulations/cli.py).
+simulation: simulations/cli.py, registered in pyproject.toml).
 
     fedcare audit verify RUN_DIR_OR_LEDGER [--trusted-keys DIR] [--tolerance 0.01]
     fedcare audit report RUN_DIR_OR_LEDGER [--output FILE.html]
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import run_command
@@ -22,13 +23,12 @@ from common.privacy.verify import VerifyInputError, verify_path
 
 
 def register(subparsers: argparse._SubParsersAction,
-             more=None) -> argparse.ArgumentParser:
+             more: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     """Add the `audit` command to a CLI's subparsers; each leaf sets func(args) -> int.
-    `more(commands)` adds further leaves."""
+    Each of `more`, called with the leaves' subparsers, adds further leaves."""
     audit = subparsers.add_parser("audit", help="verify privacy ledgers and report on them")
     audit.set_defaults(func=lambda args: _usage(audit))
-    commands = audit.add_subparsers(
-        dest="audit_command", metavar="{verify,report" + (",empirical}" if more else "}"))
+    commands = audit.add_subparsers(dest="audit_command")
 
     verify = commands.add_parser("verify", help="check signatures, chain and every ε claim")
     verify.add_argument("path", type=Path, help="a ledger .jsonl or a run directory")
@@ -45,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction,
     report.add_argument("--trusted-keys", type=Path, default=None,
                         help="folder of <site>.pub.pem keys to pin each site's signature to")
     report.set_defaults(func=run_report)
-    if more:
-        more(commands)
+    for add in more:
+        add(commands)
+    commands.metavar = "{" + ",".join(commands.choices) + "}"
     return audit
 
 
