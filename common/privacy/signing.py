@@ -83,12 +83,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
             f"Public key file {path} is not a PEM public key; it should be the "
             f"{PUBLIC_KEY_FILE} the site generated."
         ) from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(
-            f"Public key file {path} holds a {type(key).__name__}, but site keys are "
-            "Ed25519; use the site's own site_key.pub.pem."
-        )
-    return key
+    return _ed25519(key, Ed25519PublicKey, f"Public key file {path}",
+                    "use the site's own site_key.pub.pem")
 
 
 def sign_digest(key: Ed25519PrivateKey, hex_digest: str) -> str:
@@ -120,11 +116,15 @@ def _load_private_key(path: Path) -> Ed25519PrivateKey:
             f"Private key file {path} is not an unencrypted PKCS8 PEM key ({exc}); "
             "restore the site's original site_key.pem."
         ) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(
-            f"Private key file {path} holds a {type(key).__name__}, but site keys are "
-            "Ed25519; restore the site's original site_key.pem."
-        )
+    return _ed25519(key, Ed25519PrivateKey, f"Private key file {path}",
+                    "restore the site's original site_key.pem")
+
+
+def _ed25519(key, kind: type, what: str, fix: str):
+    """`key` when it is a site key (Ed25519 of `kind`), else a KeyFileError saying so."""
+    if not isinstance(key, kind):
+        raise KeyFileError(f"{what} holds a {type(key).__name__}, but site keys are "
+                           f"Ed25519; {fix}.")
     return key
 
 
