@@ -3,7 +3,8 @@
     fedcare site approve STATE_DIR APP_DIR_OR_FAB --reason TEXT [--by NAME] [--site NAME]
     fedcare site revoke STATE_DIR HASH_OR_APP --reason TEXT [--by NAME]
     fedcare site approvals STATE_DIR
-    fedcare site clientapp STATE_DIR [--runtime-api 127.0.0.1:9094] [--superexec-auth-secret-file F]
+    fedcare site clientapp STATE_DIR [--runtime-api 127.0.0.1:9094]
+                                     [--superexec-auth-secret-file F]
 
 approve hashes an app as Flower does (a source folder is built into the FAB `flwr run`
 would submit from it) and appends a signed approval entry to the site's ledger

@@ -78,15 +78,13 @@ def read_records(path: str | Path, text_column: str, label_column: str,
     is a DataError with the file and line number (1-based); no row is dropped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path=path)
     repeated = sorted({n for n in label_names if list(label_names).count(n) > 1})
     if repeated:
         raise DataError(f"the declared labels name {repeated[0]!r} more than once; label "
                         "names must be distinct", path=path)
     index = {name: i for i, name in enumerate(label_names)}
     texts, labels, groups = [], [], []
-    for line_no, row in _rows(path):
+    for line_no, row, _ in file_rows(path):
         for column in (text_column, label_column):
             if column not in row:
                 raise DataError(f"missing column {column!r} (columns: "
@@ -111,11 +109,23 @@ def read_records(path: str | Path, text_column: str, label_column: str,
     return TextDataset(tuple(texts), tuple(labels), tuple(groups), tuple(label_names))
 
 
-def _rows(path: Path):
-    """(line, row) per record; a file with none, or one that cannot be read, is a
-    DataError naming the line."""
+INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
+
+def file_rows(path: str | Path, *, collect_errors: bool = False):
+    """(line, row, error) per record of a CSV or JSONL file; lines count from 1.
+
+    Strict (the default; training data must be whole): the first bad record is a
+    DataError naming the file and line, and so is a file with no record. With
+    `collect_errors` (notes to predict): a bad record comes back as (line, None, why)
+    and the others are still read. Either way a file that cannot be read as records at
+    all (missing, another type, not UTF-8 text, a header naming a column twice, a quote
+    left open to the end) is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".ndjson"):
+    if suffix not in INPUT_SUFFIXES:
         raise DataError(f"unsupported file type {suffix!r}; use .csv or .jsonl", path=path)
     raw = path.read_bytes()
     if b"\x00" in raw:  # UTF-16 or a binary file: valid UTF-8 byte by byte, but not text
@@ -127,12 +137,14 @@ def _rows(path: Path):
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise DataError("not UTF-8 text; save the file as UTF-8", path=path, line=line) from None
-    records = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(path, content)
+    records = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(content)
     found = False
-    for line_no, row in records:
+    for line_no, row, error in records:
         found = True
-        yield line_no, row
-    if not found:
+        if error and not collect_errors:
+            raise DataError(error, path=path, line=line_no)
+        yield line_no, row, error
+    if not found and not collect_errors:
         if not content.strip():
             raise DataError("no records (the file is empty)", path=path, line=1)
         raise DataError("no records after the header", path=path,
@@ -158,9 +170,10 @@ def _csv_rows(path: Path, content: str):
                 found += len(row.get(None) or ())
                 spans = (f" (this record runs from line {done + 1}: is a quote left open?)"
                          if reader.line_num > done + 1 else "")
-                raise DataError(f"expected {len(header)} fields, found {found}{spans}",
-                                path=path, line=reader.line_num)
-            yield reader.line_num, row
+                yield (reader.line_num, None,
+                       f"expected {len(header)} fields, found {found}{spans}")
+            else:
+                yield reader.line_num, row, ""
             done = reader.line_num
     except csv.Error as err:  # a field over the reader's limit, often an unclosed quote
         raise DataError(f"unreadable CSV in the record after line {done} ({err}; a quote "
@@ -168,20 +181,22 @@ def _csv_rows(path: Path, content: str):
                         path=path, line=done + 1) from None
 
 
-def _jsonl_rows(path: Path, content: str):
+def _jsonl_rows(content: str):
     for line_no, line in enumerate(io.StringIO(content, newline=""), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON ({err.msg})", path=path, line=line_no) from None
+            yield line_no, None, f"invalid JSON ({err.msg})"
+            continue
         except (ValueError, RecursionError) as err:  # huge integers, deep nesting
-            raise DataError(f"unreadable JSON ({_short(str(err))})",
-                            path=path, line=line_no) from None
-        if not isinstance(row, dict):
-            raise DataError("expected a JSON object per line", path=path, line=line_no)
-        yield line_no, row
+            yield line_no, None, f"unreadable JSON ({_short(str(err))})"
+            continue
+        if isinstance(row, dict):
+            yield line_no, row, ""
+        else:
+            yield line_no, None, "expected a JSON object per line"
 
 
 def _as_text(value) -> str | None:

@@ -11,7 +11,6 @@ decision support, not a diagnosis.
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,10 @@ import numpy as np
 import torch
 
 from common.assist import control_table, model_max_length
-from common.data import DataError
+from common.data import file_rows
 from common.evaluation import Encoded, predict_probs
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
-INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 DEFAULT_HTML = "predictions_explained.html"
 REMINDER = ("Decision support, not a diagnosis: these are a statistical model's suggestions; "
             "a clinician makes the diagnosis.")
@@ -153,21 +151,8 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[tuple[int, s
     line) is returned with its error and the rest are still read. A missing file, an
     unsupported file type or a file that is not UTF-8 raises DataError.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")  # spreadsheet exports often start with a BOM
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
     out = []
-    rows = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(content)
-    for line_no, row, error in rows:
+    for line_no, row, error in file_rows(path, collect_errors=True):
         if error:
             out.append((line_no, None, error))
         elif text_column not in row:
@@ -181,39 +166,6 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[tuple[int, s
         else:
             out.append((line_no, row[text_column].strip(), ""))
     return out
-
-
-def _csv_rows(path: Path, content: str):
-    """(line, row, error) per CSV record. Unlike common.data's reader, which stops at the
-    first bad row (training data must be whole), a bad row here is one error row."""
-    reader = csv.DictReader(io.StringIO(content, newline=""))
-    try:
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                found = sum(v is not None for k, v in row.items() if k is not None)
-                found += len(row.get(None) or ())
-                yield reader.line_num, None, (f"expected {len(reader.fieldnames)} fields "
-                                              f"({', '.join(reader.fieldnames)}), "
-                                              f"found {found}")
-            else:
-                yield reader.line_num, row, ""
-    except csv.Error as err:  # e.g. a NUL byte: the reader cannot go on
-        raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({err})") from None
-
-
-def _jsonl_rows(content: str):
-    for line_no, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield line_no, None, f"invalid JSON ({err.msg})"
-            continue
-        if isinstance(row, dict):
-            yield line_no, row, ""
-        else:
-            yield line_no, None, "expected a JSON object per line"
 
 
 # ------------------------------------------------------------------------------ writing
