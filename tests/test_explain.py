@@ -20,9 +20,8 @@ from common.assist.explain import (
     WordAttribution,
     attribute_texts,
     attribute_words,
-    render_html,
-    render_terminal,
 )
+from common.assist.render import render_html, render_terminal
 
 FILLER = (
     "patient reports mild pain since yesterday denies nausea history of asthma "

@@ -167,7 +167,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _explain(model, tokenizer, labels, predictions, html_path: Path, color: bool) -> None:
-    from common.assist.explain import attribute_texts, render_html, render_terminal
+    from common.assist.explain import attribute_texts
+    from common.assist.render import render_html, render_terminal
 
     todo = [(n, p) for n, p in enumerate(predictions, start=1) if not p.error]
     explained = []
