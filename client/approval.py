@@ -29,12 +29,11 @@ from pathlib import Path
 from common.privacy.approvals import (
     BundleError, approval_fields, approved_apps, bundle_sha256, check_hash,
 )
+from common.privacy.entries import LedgerError, software_versions
+from common.privacy.ledger import LEDGER_FILE, Ledger, chain_problems, parse_ledger_bytes
 from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key, load_public_key,
     public_key_fingerprint, signature_valid,
-)
-from common.privacy.ledger import (
-    LEDGER_FILE, Ledger, LedgerError, chain_problems, parse_ledger_bytes, software_versions,
 )
 
 try:

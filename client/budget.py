@@ -29,10 +29,11 @@ import numpy as np
 from client.training import PrivateStep
 from common.privacy import accounting
 from common.privacy.approvals import APP_FIELD
+from common.privacy.entries import (
+    GAUSSIAN_MECHANISM, LedgerTruncatedError, dataset_of, software_versions,
+)
+from common.privacy.ledger import LEDGER_FILE, Ledger, discard_incomplete_tail, format_head
 from common.privacy.signing import load_or_create_site_key, public_key_pem, sign_digest
-from common.privacy.ledger import (GAUSSIAN_MECHANISM, LEDGER_FILE, Ledger,
-                                   LedgerTruncatedError, dataset_of,
-                                   discard_incomplete_tail, format_head, software_versions)
 
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}

@@ -19,8 +19,9 @@ from flwr.app import Context
 
 from client.budget import Policy
 from common.config import Config, NodeConfig, from_node_config, from_run_config
-from common.data import (DataError, SiteData, federated_data, process_cached, read_records,
-                         site_split)
+from common.data import (
+    DataError, SiteData, federated_data, process_cached, read_records, site_split,
+)
 from common.names import check_name
 from common.privacy.approvals import APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved
 from common.privacy.ledger import LEDGER_FILE

@@ -32,9 +32,10 @@ from common.data import process_cached
 from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
 from common.message_keys import Keys
 from common.metrics import class_counts, count_metrics
-from common.model import (build_model, classifier_of, encoder_arrays, get_adapter_arrays,
-                          load_tokenizer, pick_device, save_adapter, set_adapter_arrays,
-                          trainable_head)
+from common.model import (
+    build_model, classifier_of, encoder_arrays, get_adapter_arrays, load_tokenizer,
+    pick_device, save_adapter, set_adapter_arrays, trainable_head,
+)
 from common.names import check_name
 from common.privacy import accounting
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from common.errors import run_command
 from common.names import check_name
-from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerError
+from common.privacy.entries import LedgerError
+from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.report import dataset_summaries, format_epsilon
 from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,

@@ -22,10 +22,12 @@ from common.data import held_out
 from common.evaluation import encode, evaluate
 from common.message_keys import Keys
 from common.metrics import weighted_mean
-from common.model import (build_model, get_adapter_arrays, load_tokenizer, pick_device,
-                          save_adapter, set_adapter_arrays, encoder_arrays)
-from server.optimizer import build_strategy, describe
+from common.model import (
+    build_model, encoder_arrays, get_adapter_arrays, load_tokenizer, pick_device, save_adapter,
+    set_adapter_arrays,
+)
 from server import checkpoint
+from server.optimizer import build_strategy, describe
 from server.rounds import PlainFit, Rounds, site_evaluate
 from server.run_log import RunRecorder, format_metric
 from server.strategy import SiteAwareStrategy

@@ -26,7 +26,8 @@ from common.config import Config, dump_yaml
 from common.message_keys import Keys
 from common.metrics import weighted_mean
 from common.privacy.approvals import releases
-from common.privacy.ledger import dataset_of, heads_file
+from common.privacy.entries import dataset_of
+from common.privacy.ledger import heads_file
 
 
 ALL_SITES = "all"  # the example-weighted mean over sites, written after each evaluation

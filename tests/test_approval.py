@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from client.node import site_from_context
-from common.config import from_node_config
 from client.approval import current_approvals
+from client.node import site_from_context
+from common.cli import main
+from common.config import from_node_config
 from common.privacy.approvals import (
     APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved, BundleError, app_problems,
     approved_apps, bundle_sha256,
 )
+from common.privacy.entries import LedgerEntryError
+from common.privacy.ledger import LEDGER_FILE, Ledger, read_entries
 from common.privacy.signing import load_or_create_site_key
-from common.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntryError, read_entries
 from common.privacy.verify import verify_path
-from common.cli import main
 from tests.conftest import tiny_config
 
 PYPROJECT = """\

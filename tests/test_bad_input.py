@@ -21,13 +21,15 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from common.config import (NODE_KEYS, SECTIONS, Config, ConfigError, NodeConfig,
-                           check_simulation, from_mapping, from_node_config, from_run_config,
-                           load_yaml)
+from common.config import (
+    NODE_KEYS, SECTIONS, Config, ConfigError, NodeConfig, check_simulation, from_mapping,
+    from_node_config, from_run_config, load_yaml,
+)
 from common.data import DataError, TextDataset, read_records
 from common.errors import FedcareError, RunError, run_command
+from common.privacy.entries import LedgerError, LedgerFormatError, canonical_json
+from common.privacy.ledger import read_entries
 from common.privacy.signing import load_or_create_site_key, public_key_pem
-from common.privacy.ledger import LedgerError, LedgerFormatError, canonical_json, read_entries
 from common.privacy.verify import verify_path
 from simulations.cli import _overrides
 from tests.test_ledger import build_ledger

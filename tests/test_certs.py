@@ -23,18 +23,12 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from common.config import from_node_config
 from server.certs import (
-    CertPaths,
-    CertsError,
-    DuplicateSiteError,
-    InvalidHostError,
-    InvalidSiteNameError,
-    TargetExistsError,
-    add_site,
-    init_certs,
+    CertPaths, CertsError, DuplicateSiteError, InvalidHostError, InvalidSiteNameError,
+    TargetExistsError, add_site, init_certs,
 )
 from server.certs_cli import DATA_FILE_PLACEHOLDER, register
-from common.config import from_node_config
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 
-from server.certs import add_site
 from common.privacy.approvals import bundle_sha256
-from common.privacy.signing import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.ledger import LEDGER_FILE
+from common.privacy.signing import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.verify import verify_path
+from server.certs import add_site
 from tests.conftest import LABELS, write_records, write_tiny_model
 
 pytestmark = pytest.mark.slow

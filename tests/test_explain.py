@@ -16,10 +16,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from common.assist.explain import (
-    Explanation,
-    WordAttribution,
-    attribute_texts,
-    attribute_words,
+    Explanation, WordAttribution, attribute_texts, attribute_words,
 )
 from common.assist.render import render_html, render_terminal
 

@@ -18,15 +18,18 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from common.privacy import ledger as ledger_module
+from common.privacy.entries import (
+    GAUSSIAN_MECHANISM, REQUIRED_FIELDS, LedgerConcurrentWriteError, LedgerEntryError,
+    LedgerFormatError, LedgerIntegrityError, LedgerTruncatedError, canonical_json, dataset_of,
+    entry_hash,
+)
+from common.privacy.ledger import (
+    GENESIS_HASH, Ledger, discard_incomplete_tail, format_head, heads_file, parse_head,
+    read_entries,
+)
 from common.privacy.signing import (
     InsecureKeyFileError, KeyFileError, load_or_create_site_key, load_public_key,
     public_key_fingerprint, public_key_pem, signature_valid,
-)
-from common.privacy.ledger import (
-    GAUSSIAN_MECHANISM, GENESIS_HASH, REQUIRED_FIELDS, Ledger, LedgerEntryError,
-    LedgerFormatError, LedgerConcurrentWriteError, LedgerIntegrityError, LedgerTruncatedError,
-    canonical_json, dataset_of, discard_incomplete_tail, entry_hash, format_head, heads_file,
-    parse_head, read_entries,
 )
 
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson"}

@@ -16,13 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.assist.cli import register
+from common.assist.predict import (
+    Prediction, predict_records, predict_texts, read_texts, write_predictions,
+)
 from common.config import LoraConfig
 from common.data import DataError, read_records
 from common.evaluation import collate, encode
 from common.model import build_model, load_adapter, load_tokenizer, save_adapter
-from common.assist.cli import register
-from common.assist.predict import (Prediction, predict_records, predict_texts, read_texts,
-                                   write_predictions)
 from tests.conftest import CUES, LABELS, write_records
 
 OBVIOUS = {label: " ".join(words) for label, words in CUES.items()}  # "fever cough chest"...

@@ -18,9 +18,8 @@ from flwr.compat.common.recorddict_compat import (evaluateins_to_recorddict,
                                                   recorddict_to_evaluateres,
                                                   recorddict_to_fitres)
 
-from client.app import build_app
+from client.app import SiteClient, build_app
 from client.releases import RELEASES, SiteFailure, undeclared
-from client.app import SiteClient
 from client.site import SiteTrainer, site_from_context
 from common.data import DataError
 from common.message_keys import Keys

@@ -7,9 +7,9 @@ import re
 import xml.etree.ElementTree as ET
 
 from common.privacy.audit_cli import main
-from common.privacy.signing import load_or_create_site_key, public_key_pem
 from common.privacy.ledger import read_entries
 from common.privacy.report import format_epsilon, write_report
+from common.privacy.signing import load_or_create_site_key, public_key_pem
 from common.privacy.verify import verify_path
 from tests.test_ledger import ROUNDS, build_ledger, fields, gaussian, start
 from tests.test_verify import make_run, reseal, write

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from client.site_cli import LEDGER_FILE, main
+from common.privacy.entries import LedgerEntryError
+from common.privacy.ledger import Ledger, read_entries
 from common.privacy.signing import load_or_create_site_key
-from common.privacy.ledger import Ledger, LedgerEntryError, read_entries
 from tests.test_ledger import fields, gaussian
 
 

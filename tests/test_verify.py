@@ -19,15 +19,15 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from common.privacy.audit_cli import main, register
-from common.privacy.signing import load_or_create_site_key, public_key_pem
-from common.privacy.ledger import GENESIS_HASH, canonical_json, read_entries, seal_entry
 from common.privacy import accounting
+from common.privacy.audit_cli import main, register
+from common.privacy.entries import canonical_json
+from common.privacy.ledger import GENESIS_HASH, Ledger, format_head, read_entries, seal_entry
+from common.privacy.signing import load_or_create_site_key, public_key_pem
 from common.privacy.verify import (
     AUDIT_ORDERS, PLD_DISCRETIZATION, PRV_EPS_ERROR, compare_accountants, pld_epsilon,
     pld_error, rdp_epsilon, verify_path,
 )
-from common.privacy.ledger import Ledger, format_head
 from tests.test_ledger import ROUNDS, build_ledger, claimed_epsilon, fields, gaussian, start
 
 OPACUS_REFERENCE = 7.32911117143

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import run_command
-from common.privacy.signing import KeyFileError
 from common.privacy.report import dataset_summaries, format_epsilon, write_report
+from common.privacy.signing import KeyFileError
 from common.privacy.verify import VerifyInputError, verify_path
 
 

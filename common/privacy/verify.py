@@ -42,12 +42,13 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 
 from common.errors import FedcareError
+from common.privacy.approvals import APPROVAL, APP_FIELD, app_problems, releases
+from common.privacy.entries import RELEASES_NOTHING
+from common.privacy.ledger import (
+    HEADS_SUFFIX, chain_problems, heads_file, parse_head, parse_ledger_bytes,
+)
 from common.privacy.signing import (
     KeyFileError, load_public_key, public_key_fingerprint, signature_valid,
-)
-from common.privacy.approvals import APP_FIELD, APPROVAL, app_problems, releases
-from common.privacy.ledger import (
-    HEADS_SUFFIX, RELEASES_NOTHING, chain_problems, heads_file, parse_head, parse_ledger_bytes,
 )
 
 # dp_accounting logs (through absl) every RDP order it cannot evaluate and then
