@@ -6,6 +6,9 @@ by its dataset, so it carries from round to round and run to run, whichever proc
 serves the site. Everything a round returns is declared in client/releases.py: the
 DP update, noisy counts, and what the ledger already says; the training loss, the
 time taken and the exact sizes stay in the site's own log.
+
+Size: one class, a site's round; its phases (fit, evaluate, personalise) share the
+model, the guard and the refusals.
 """
 
 from __future__ import annotations

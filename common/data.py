@@ -3,6 +3,9 @@
 A `TextDataset` is three parallel tuples (text, label index, group). The group is
 what must never straddle a split: for ICD-10 it is the 3-character category, so
 near-copies of one code (laterality, encounter) stay on one side.
+
+Size: every way records enter fedcare (the embedded task, files, splits, partitions),
+with the one reader of CSV and JSONL records.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ commands themselves, and what they print next: server/certs_cli.py.
 Private keys are created with mode 0600 (``os.open(..., 0o600)`` with ``O_EXCL``) and
 existing files are never replaced unless ``overwrite=True`` is passed; all targets are
 checked before anything is written, so a refused call writes nothing.
+
+Size: the CA, the server certificate and the site keys share their checks and their
+writers; the command is server/certs_cli.py.
 """
 
 from __future__ import annotations

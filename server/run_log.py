@@ -10,6 +10,9 @@
 
 A site keeps its training loss and timings; its evaluation metrics come from a noisy
 confusion matrix (no loss), or not at all (`evaluated` False).
+
+Size: the one writer of the run directory, so that what the folder holds is read in
+one place.
 """
 
 from __future__ import annotations

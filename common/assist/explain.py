@@ -22,6 +22,9 @@ scores oppose it.
 Works for any Hugging Face sequence-classification model, bare or wrapped by
 ``peft.PeftModel``, on whatever device the model lives on. Attribution is an aid to
 review, not a proof of clinical reasoning.
+
+Size: the attribution with its batching, word merging and retries, which only make
+sense together; showing it is common/assist/render.py.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ no longer contains one of them was cut off or rewritten after the server saw it.
 
 Approval entries (common/privacy/approvals.py) account for nothing; once a site
 approves apps, every release it makes must name an app approved at that point.
+
+Size: one module on purpose. It is what an auditor reads end to end, trusting nothing
+else of fedcare: it imports the ledger's format and the signing keys, never the sites'
+accounting code.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """results.json -> results.md (one Markdown file of tables, headed by the machine)
 and one PNG + SVG plot per section. Only reads the results dict: the tests feed it
-hand-made results."""
+hand-made results.
+
+Size: each benchmark section's table and its plot, side by side; read one section
+at a time.
+"""
 
 from __future__ import annotations
 
