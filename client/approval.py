@@ -237,7 +237,7 @@ def cmd_clientapp(args) -> int:
             return 2
         interceptors.append(SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-    apps, where = current_approvals(state)
+    _, where = current_approvals(state)
     say = lambda line: print(f"fedcare site clientapp: {line}", flush=True)  # noqa: E731
     say(f"{where}; taking tasks from the SuperNode at {args.runtime_api}")
     client = RuntimeHttpClient.from_server_address(
