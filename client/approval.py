@@ -30,10 +30,9 @@ from common.privacy.approvals import (
     BundleError, approval_fields, approved_apps, bundle_sha256, check_hash,
 )
 from common.privacy.entries import LedgerError, software_versions
-from common.privacy.ledger import LEDGER_FILE, Ledger, chain_problems, parse_ledger_bytes
+from common.privacy.ledger import LEDGER_FILE, Ledger, integrity_problems, parse_ledger_bytes
 from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key, load_public_key,
-    public_key_fingerprint, signature_valid,
 )
 
 try:
@@ -200,11 +199,7 @@ def current_approvals(state: Path) -> tuple[list[str], str]:
         return [], f"no app is approved: the ledger cannot be read ({exc})"
     good, bad = parse_ledger_bytes(data[:data.rfind(b"\n") + 1])
     entries = [entry for _, entry in good]
-    fingerprint = public_key_fingerprint(key)
-    if bad or chain_problems(entries) or not all(
-            e.get("key_fingerprint") == fingerprint
-            and signature_valid(key, str(e.get("hash")), str(e.get("signature")))
-            for e in entries):
+    if bad or integrity_problems(entries, key):
         return [], (f"no app is approved: {path} does not verify against "
                     f"{PUBLIC_KEY_FILE} (`fedcare audit verify {path}` says why)")
     apps = sorted(approved_apps(entries))

@@ -27,7 +27,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey, Ed25519PublicKey,
+)
 
 from common.names import NAME
 from common.privacy.approvals import APPROVAL, releases
@@ -111,6 +113,17 @@ def chain_problems(entries: Sequence[dict],
     return problems
 
 
+def integrity_problems(entries: Sequence[dict], public: Ed25519PublicKey) -> list[str]:
+    """A sentence for every break in the chain and every entry not signed by `public`."""
+    fingerprint = public_key_fingerprint(public)
+    problems = [message for _, message in chain_problems(entries)]
+    problems += [f"Entry seq {entry.get('seq')} is not signed by this site's key "
+                 f"{fingerprint}." for entry in entries
+                 if entry.get("key_fingerprint") != fingerprint or not signature_valid(
+                     public, str(entry.get("hash")), str(entry.get("signature")))]
+    return problems
+
+
 def parse_ledger_bytes(data: bytes) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """((line, entry) for good lines, (line, sentence) for bad ones); lines count from 1."""
     good: list[tuple[int, dict]] = []
@@ -182,7 +195,6 @@ class Ledger:
     def __init__(self, path: Path, key: Ed25519PrivateKey) -> None:
         self.path = Path(path)
         self._key = key
-        self._fingerprint = public_key_fingerprint(key.public_key())
         self._entries: list[dict] = []
         self._size = 0
         self._failed: BaseException | None = None
@@ -193,13 +205,7 @@ class Ledger:
             self._verify_existing()
 
     def _verify_existing(self) -> None:
-        problems = [message for _, message in chain_problems(self._entries)]
-        public = self._key.public_key()
-        for entry in self._entries:
-            if entry.get("key_fingerprint") != self._fingerprint or not signature_valid(
-                    public, str(entry.get("hash")), str(entry.get("signature"))):
-                problems.append(f"Entry seq {entry.get('seq')} is not signed by this site's "
-                                f"key {self._fingerprint}.")
+        problems = integrity_problems(self._entries, self._key.public_key())
         if problems:
             raise LedgerIntegrityError(
                 f"Ledger {self.path} failed verification, so it will not be extended: "
