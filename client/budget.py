@@ -30,13 +30,22 @@ from client.training import PrivateStep
 from common.privacy import accounting
 from common.privacy.approvals import APP_FIELD
 from common.privacy.entries import (
-    GAUSSIAN_MECHANISM, LedgerTruncatedError, dataset_of, software_versions,
+    GAUSSIAN_MECHANISM, LedgerTruncatedError, dataset_of, software_versions, unit_of,
 )
 from common.privacy.ledger import LEDGER_FILE, Ledger, discard_incomplete_tail, format_head
 from common.privacy.signing import load_or_create_site_key, public_key_pem, sign_digest
 
 MECHANISM = {"name": "DP-SGD", "noise": "gaussian", "sampling": "poisson",
              "clipping": "per-example L2"}
+# patient-level DP-SGD (user-level sampling): patients Poisson-sampled, each bringing at
+# most k of their records, whose gradients are summed (or averaged) and clipped jointly
+PATIENT_MECHANISM = {**MECHANISM, "sampled": "patients",
+                     "clipping": "per-patient L2 (at most k records each)"}
+
+
+class UnitError(accounting.BudgetError):
+    """The dataset's budget was spent in another privacy unit: ε in one unit cannot be
+    added to ε in another, so the site refuses (code "unit")."""
 
 
 @dataclass(frozen=True)
@@ -52,17 +61,26 @@ class Policy:
     require_secure_aggregation: bool = False
     release_evaluation: bool = True  # a deployed site's node config turns it on
     app_sha256: str = ""  # the approved app this site runs under ("" when none is known)
+    unit: str = "record"  # whom ε protects: "record", or "patient" with all their records
+    max_records_per_patient: int = 4  # k: the most records a patient brings to a step
+
+    @property
+    def unit_fields(self) -> dict:
+        """What every ledger entry states of the unit (and, per patient, the bound k)."""
+        return {"privacy_unit": self.unit, **({"max_records_per_patient":
+                self.max_records_per_patient} if self.unit == "patient" else {})}
 
     def run_target(self, run_target: float) -> float:
         return min(run_target, self.run_epsilon_cap) if self.run_epsilon_cap else run_target
 
-    def check_delta(self, records: int) -> None:
+    def check_delta(self, units: int) -> None:
         """δ must be small against 1/n: a mechanism that may fail with probability δ on
-        one of n records must not be likely to fail on someone."""
-        if self.delta * 10 * records > 1:
+        one of n units (records or patients) must not be likely to fail on someone.
+        `units` is the count the site states (noisy, inside ε), never the exact one."""
+        if self.delta * 10 * units > 1:
             raise accounting.BudgetError(
                 f"δ={self.delta:g} is too large for this dataset: it must be at most "
-                "1/(10 × the number of training records); lower the site's delta")
+                f"1/(10 × the number of training {self.unit}s); lower the site's delta")
 
 
 def update_digest(arrays: Sequence[np.ndarray]) -> str:
@@ -108,6 +126,19 @@ class SiteGuard:
 
     def history(self) -> accounting.History:
         return list(self.ledger.history(self.dataset))
+
+    def check_unit(self) -> None:
+        """Refuse (UnitError) if this dataset has released anything in another unit."""
+        unit = self.policy.unit
+        for entry in self.ledger.releases():
+            if dataset_of(entry) == self.dataset and unit_of(entry) != unit:
+                raise UnitError(
+                    f"dataset {self.dataset!r} has spent budget with the {unit_of(entry)} as "
+                    f"the unit of privacy (ledger seq {entry['seq']}), and this site now "
+                    f"protects the {unit}: ε in one unit cannot be added to ε in the other. "
+                    f"Start a new dataset for {unit}-level training (`fedcare site "
+                    f"new-dataset STATE_DIR --dataset NAME --reason ...`, then dataset = "
+                    f"NAME in the node config), or set privacy-unit = {unit_of(entry)}")
 
     def spent(self) -> float:
         return self.ledger.spent_epsilon(self.dataset)
@@ -180,8 +211,8 @@ class SiteGuard:
     def release_count(self, kind: str, run_id: str, round_no: int, values: np.ndarray,
                       sigma: float, keep: bool = False, sensitivity: float = 1.0,
                       statistic: str = "a count of records") -> np.ndarray:
-        """`values` (counts of records whose L2 sensitivity to adding or removing one
-        record is `sensitivity`) plus Gaussian noise of std `sigma`·`sensitivity`: the
+        """`values` (counts whose L2 sensitivity to adding or removing one unit, a record
+        or a patient with all their records, is `sensitivity`) plus Gaussian noise of std `sigma`·`sensitivity`: the
         Gaussian mechanism with noise multiplier `sigma` on the statistic scaled to
         sensitivity 1. Charged to the budget and written to the ledger before it is
         returned (`keep`: the noisy value too, to be reused instead of released again);
@@ -204,15 +235,17 @@ class SiteGuard:
             **extra))
         return noisy
 
-    def public_size(self, records: int, sigma: float, run_id: str, round_no: int) -> int:
-        """The training-set size as the site may state it: a noisy count, released (and
-        charged) once per data version and read back from the ledger after that. It
-        sets the sampling rate and the FedAvg weight, so neither reveals the exact n."""
+    def public_size(self, units: int, sigma: float, run_id: str, round_no: int) -> int:
+        """The training-set size in the site's unit (records, or patients) as the site may
+        state it: a noisy count, released (and charged) once per data version and unit
+        and read back from the ledger after that. It sets the sampling rate, the δ check
+        and the FedAvg weight, so none of them reveals the exact n."""
         for entry in self.ledger.releases():
-            if entry["kind"] == "size" and entry["data_fingerprint"] == self.fingerprint:
+            if entry["kind"] == "size" and entry["data_fingerprint"] == self.fingerprint \
+                    and unit_of(entry) == self.policy.unit:
                 return max(1, round(float(entry["released_value"])))
-        noisy = self.release_count("size", run_id, round_no, np.asarray([records]), sigma,
-                                   keep=True)
+        noisy = self.release_count("size", run_id, round_no, np.asarray([units]), sigma,
+                                   keep=True, statistic=f"a count of {self.policy.unit}s")
         return max(1, round(float(noisy[0])))
 
     def _append(self, fields: dict) -> dict:
@@ -230,8 +263,11 @@ class SiteGuard:
                 "amplification by sampling)" if entry["kind"] in ("train", "personalize")
                 and entry["sample_rate"] >= 1.0 else "")
         withheld = f"; withheld: {entry['withheld']}" if entry.get("withheld") else ""
+        unit = unit_of(entry)
+        bound = f" k={entry['max_records_per_patient']}" if unit == "patient" else ""
         return (f"release {entry['kind']} run={entry['run_id']} round={entry['round']} "
-                f"dataset={entry.get('dataset')} {what}; ε spent {entry['epsilon']:.4g}, "
+                f"dataset={entry.get('dataset')} unit={unit}{bound} {what}; ε per {unit} "
+                f"spent {entry['epsilon']:.4g}, "
                 f"left {left:.4g} of {entry['epsilon_budget']:g} (δ={entry['delta']:g}, "
                 f"ledger seq {entry['seq']}){note}{withheld}")
 
@@ -239,7 +275,8 @@ class SiteGuard:
         return {
             "kind": kind, "site": self.site, "run_id": run_id, "round": round_no,
             "dataset": self.dataset, "data_fingerprint": self.fingerprint,
-            "mechanism": MECHANISM,
+            "mechanism": PATIENT_MECHANISM if self.policy.unit == "patient" else MECHANISM,
+            **self.policy.unit_fields,
             "delta": self.policy.delta, "accountant": accounting.accountant_name(self.accountant),
             "epsilon_budget": self.policy.epsilon_budget, "secure_aggregation": secure,
             "software": software_versions(),

@@ -1,7 +1,8 @@
 """Which site this node is: its data, its policy and where its state lives.
 
 A hospital's node config (typed as common.config.NodeConfig) names its data file and
-holds everything that defines its data and its exposure: columns, dataset identity,
+holds everything that defines its data and its exposure: columns (its patient column
+too), privacy unit and contribution bound, dataset identity,
 validation split, budget, δ, per-run cap, count noise, secure-aggregation requirement,
 whether it releases evaluation metrics. The run config, which the server sends, only
 chooses what the run asks for; the site enforces its own limits. A simulated node has
@@ -20,7 +21,8 @@ from flwr.app import Context
 from client.budget import Policy
 from common.config import Config, NodeConfig, from_node_config, from_run_config
 from common.data import (
-    DataError, SiteData, federated_data, process_cached, read_records, site_split,
+    DataError, SiteData, federated_data, held_out, process_cached, read_records,
+    read_site_file, site_split,
 )
 from common.names import check_name
 from common.privacy.approvals import APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved
@@ -50,7 +52,8 @@ def site_from_context(cfg: Config, context: Context) -> Site:
     policy = Policy(node.epsilon_budget or s.budget_of(node.partition_id),
                     node.delta or cfg.privacy.delta, s.min_noise_multiplier,
                     s.max_noise_multiplier, count_noise=cfg.privacy.count_noise,
-                    release_evaluation=s.release_evaluation)
+                    release_evaluation=s.release_evaluation, unit=s.privacy_unit,
+                    max_records_per_patient=s.max_records_per_patient)
     state = (Path(node.state_dir) if node.state_dir
              else Path(s.state_dir) / name if s.state_dir else None)
     return Site(name, data, label_names, policy, state, cfg.privacy.enabled)
@@ -67,9 +70,8 @@ def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str,
     if len(d.site_files) != node.num_partitions:
         raise DataError(f"data.site_files must list one file per simulated site "
                         f"({node.num_partitions}); it lists {len(d.site_files)}")
-    records = process_cached(
-        ("records", d.site_files[site], d.text_column, d.label_column, d.labels),
-        lambda: read_records(d.site_files[site], d.text_column, d.label_column, d.labels))
+    records = process_cached(("records", d.site_files[site], d),
+                             lambda: read_site_file(d, d.site_files[site], held_out(d)[1]))
     return (site_split(records, d.val_fraction, d.seed + site, cfg.site.min_val_records),
             tuple(d.labels))
 
@@ -86,12 +88,14 @@ def _deployed_site(cfg: Config, node: NodeConfig) -> Site:
         raise DataError("the run's labels are not the site's label set (node config "
                         "'labels'); the site maps labels by name and will not guess")
     records = process_cached(
-        ("records", node.data_file, node.text_column, node.label_column, labels),
-        lambda: read_records(node.data_file, node.text_column, node.label_column, labels))
+        ("records", node.data_file, node.text_column, node.label_column, labels,
+         node.patient_column),
+        lambda: read_records(node.data_file, node.text_column, node.label_column, labels,
+                             patient_column=node.patient_column))
     policy = Policy(node.epsilon_budget, node.delta, node.min_noise_multiplier,
                     node.max_noise_multiplier, node.dataset, node.run_epsilon_cap,
                     node.count_noise, node.require_secure_aggregation,
-                    node.release_evaluation, app)
+                    node.release_evaluation, app, node.unit, node.max_records_per_patient)
     data = site_split(records, node.val_fraction, node.split_seed, node.min_val_records)
     return Site(name, data, labels, policy, Path(node.state_dir), node.private)
 

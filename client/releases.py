@@ -38,7 +38,7 @@ RELEASES: dict[str, dict[str, str]] = {
     "fitres.status": STATUS,
     "fitres.metrics": {
         **LEDGER_KEYS, Keys.PRIVATE: PUBLIC, Keys.SECURE_AGGREGATION: PUBLIC,
-        Keys.REFUSED: LEDGER,  # a code: budget, delta, plain-round, non-finite, repeat
+        Keys.REFUSED: LEDGER,  # a code: budget, delta, unit, plain-round, non-finite, repeat
         Keys.DELTA: PUBLIC, Keys.NOISE_MULTIPLIER: LEDGER, Keys.SAMPLE_RATE: LEDGER,
         Keys.STEPS: PUBLIC, Keys.MAX_GRAD_NORM: PUBLIC, Keys.BYTES_SENT: PUBLIC},
     "evaluateres.loss": {"loss": PUBLIC},                 # always NaN: no loss is sent

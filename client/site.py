@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from client.budget import SiteGuard
+from client.budget import SiteGuard, UnitError
 from client.node import LOG_FILE, Site, simulated_state_dir, site_from_context
-from client.training import GradientCanaries, PrivateStep, train_plain, train_private
+from client.training import (
+    GradientCanaries, Patients, PrivateStep, train_plain, train_private,
+)
 from common.config import Config
-from common.data import process_cached
+from common.data import DataError, process_cached
 from common.evaluation import Encoded, Features, encode, pooled_features, predict_probs
 from common.message_keys import Keys
 from common.metrics import class_counts, count_metrics
@@ -40,6 +42,7 @@ from common.model import (
     pick_device, save_adapter, set_adapter_arrays, trainable_head,
 )
 from common.names import check_name
+from common.patients import rows_by_patient
 from common.privacy import accounting
 
 __all__ = ["Site", "SiteTrainer", "simulated_state_dir", "site_from_context"]
@@ -82,6 +85,24 @@ class SiteTrainer:
         self.val_data: Encoded = process_cached(
             ("val", site.data.val, cfg.model),
             lambda: encode(site.data.val, tokenizer, cfg.model.max_length))
+        self.patients = self._patients() if site.private else None
+
+    def _patients(self) -> Patients | None:
+        """The training rows of each patient, where the site's unit is the patient."""
+        policy, train = self.site.policy, self.site.data.train
+        if policy.unit != "patient":
+            return None
+        if not train.patients:
+            raise DataError(f"site {self.site.name} protects patients, but its records "
+                            "name none: give the patient column (patient-column, or "
+                            "data.patient_column / data.patients in a simulation)")
+        return Patients(rows_by_patient(train.patients), policy.max_records_per_patient,
+                        self.cfg.train.patient_gradient)
+
+    @property
+    def units(self) -> int:
+        """The exact number of training units (records, or patients): never sent."""
+        return len(self.patients) if self.patients is not None else len(self.train_data)
 
     def bind(self, run_id: str) -> None:
         """Once the run is known: a simulated site's state folder, under the run's
@@ -168,21 +189,22 @@ class SiteTrainer:
                 if self.site.policy.require_secure_aggregation and not secure:
                     raise Refusal("plain-round", "the site requires secure aggregation and "
                                                  "this round is not under SecAgg+")
-                try:
-                    self.site.policy.check_delta(len(self.train_data))
-                except accounting.BudgetError as err:  # not the budget: δ, which n bounds
-                    raise Refusal("delta", str(err)) from None
+                self._check_unit(guard)
                 if guard.released(run_id, round_no, "train"):
                     raise Refusal("repeat", f"round {round_no} of this run was released "
                                             "already and its reply was lost; releasing it "
                                             "again would charge it twice")
                 weight = self.public_size(guard, run_id, round_no)
+                try:  # on the stated (noisy) count, never the exact one
+                    self.site.policy.check_delta(weight)
+                except accounting.BudgetError as err:  # not the budget: δ, which n bounds
+                    raise Refusal("delta", str(err)) from None
                 step = self._plan(guard, run_id, round_no, num_rounds, phase, weight)
                 data, module = self._rows_and_module(phase)
                 accountant = accounting.make_accountant(guard.history(), guard.accountant)
                 stats = train_private(module, data, step, phase.learning_rate, t.chunk_size,
                                       self.device, accountant, gen, public_size=weight,
-                                      canaries=self.canaries())
+                                      canaries=self.canaries(), patients=self.patients)
             except accounting.BudgetError as err:
                 return self._refusal(guard, "budget", str(err), secure, metrics, phase,
                                      run_id, round_no)
@@ -203,7 +225,8 @@ class SiteTrainer:
                 Keys.LEDGER: guard.ledger_text(), Keys.LEDGER_HEAD: guard.head(),
             })
         self.say(f"round {round_no}: trained {phase.name}, {stats.steps} steps over "
-                 f"{stats.examples} sampled records, loss {stats.loss:.4f} (kept here)")
+                 f"{stats.examples} sampled records of {self.units} training "
+                 f"{self.site.policy.unit}s, loss {stats.loss:.4f} (kept here)")
         metrics.update({Keys.STEPS: phase.steps,
                         Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays))})
         return {"arrays": arrays, "num_examples": self._capped(weight, secure),
@@ -219,8 +242,14 @@ class SiteTrainer:
         return min(int(weight), cap)
 
     def public_size(self, guard: SiteGuard, run_id: str, round_no: int) -> int:
-        return guard.public_size(len(self.train_data), self.count_sigma(guard), run_id,
-                                 round_no)
+        return guard.public_size(self.units, self.count_sigma(guard), run_id, round_no)
+
+    @staticmethod
+    def _check_unit(guard: SiteGuard) -> None:
+        try:
+            guard.check_unit()
+        except UnitError as err:
+            raise Refusal("unit", str(err)) from None
 
     def _in_range(self, arrays: list[np.ndarray], secure: bool) -> list[np.ndarray] | None:
         """The update as it may leave: None if any value is NaN or infinite; under
@@ -302,6 +331,14 @@ class SiteTrainer:
             out[Keys.REFUSED] = "repeat"  # released before, reply lost: not charged twice
             return math.nan, 0, out
         try:
+            if guard is not None:
+                self._check_unit(guard)
+        except Refusal as err:
+            guard.record_refusal(run_id, round_no, f"{self.site.name} does not evaluate "
+                                                   f"round {round_no}: {err.reason}", False)
+            out[Keys.REFUSED] = err.code
+            return math.nan, 0, out
+        try:
             counts = self._release_counts(guard, run_id, round_no)
         except accounting.BudgetError as err:
             guard.record_refusal(run_id, round_no, f"{self.site.name} does not evaluate "
@@ -322,17 +359,22 @@ class SiteTrainer:
                         round_no: int) -> np.ndarray:
         """Per class (true positives, records, predictions) on the validation records
         under the current adapter: exact at a non-private site, else with Gaussian noise
-        (multiplier count_noise at sensitivity √3), charged."""
+        (multiplier count_noise at sensitivity √3), charged. Where the unit is the
+        patient, each of a patient's m validation records counts 1/m: a patient moves
+        the counts as one record did (√3 at most), and the metrics weigh patients alike."""
         probs = predict_probs(trainable_head(self.model), self.features(self.val_data),
                               self.device)
+        patient = self.site.policy.unit == "patient" and guard is not None
+        weights = _per_patient(self.site.data.val.patients) if patient else None
         counts = class_counts(probs.argmax(axis=1), np.asarray(self.val_data.labels),
-                              len(self.site.label_names))
+                              len(self.site.label_names), weights)
         if guard is None:
             return counts
+        what = "patient-weighted records" if patient else "records"
         return guard.release_count(
             "evaluate", run_id, round_no, counts, self.count_sigma(guard),
             sensitivity=math.sqrt(3),
-            statistic="per class: true positives, records, predictions (validation)")
+            statistic=f"per class: true positives, {what}, predictions (validation)")
 
     def personalize(self, guard: SiteGuard | None, run_id: str, round_no: int,
                     num_rounds: int) -> dict:
@@ -355,7 +397,7 @@ class SiteTrainer:
                     accountant = accounting.make_accountant(guard.history(), guard.accountant)
                     train_private(module, data, step, phase.learning_rate, t.chunk_size,
                                   self.device, accountant, gen, public_size=records,
-                                  canaries=self.canaries())
+                                  canaries=self.canaries(), patients=self.patients)
                     guard.record_release(run_id, round_no, step, accounting.epsilon(
                         accountant.history, guard.policy.delta, guard.accountant),
                         get_adapter_arrays(self.model), False, "personalize")
@@ -377,6 +419,17 @@ class SiteTrainer:
         finally:
             set_adapter_arrays(self.model, global_arrays)  # the global model stays global
         return out
+
+
+def _per_patient(patients: tuple[str, ...]) -> np.ndarray:
+    """Each record's weight 1/m, m the number of its patient's records."""
+    if not patients:
+        raise DataError("the validation records name no patients, so they cannot be "
+                        "counted per patient")
+    sizes: dict[str, int] = {}
+    for p in patients:
+        sizes[p] = sizes.get(p, 0) + 1
+    return np.asarray([1.0 / sizes[p] for p in patients])
 
 
 def _load_or_make_features(path: Path, data: Encoded, make) -> Features:

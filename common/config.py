@@ -87,6 +87,21 @@ class DataConfig:
         default=0.0,
         metadata={"help": "0 = sites of similar size; larger = lognormal sigma of sizes."},
     )
+    patient_column: str = field(
+        default="", metadata={"help": "source=files: the column naming each record's "
+                                      "patient ('' = the files name no patients)."})
+    patients: bool = field(
+        default=False, metadata={"help": "icd10: group each site's notes into synthetic "
+                                         "patients (common/patients.py)."})
+    notes_per_patient: float = field(
+        default=3.0, metadata={"help": "icd10 patients: the median number of notes a "
+                                       "patient has (log-normal, heavy-tailed)."})
+    notes_spread: float = field(
+        default=1.2, metadata={"help": "icd10 patients: sigma of log(notes per patient); "
+                                       "larger = a longer tail of patients with many notes."})
+    comorbidity: float = field(
+        default=0.7, metadata={"help": "icd10 patients: the chance that a patient's note "
+                                       "comes from the chapter of their first note."})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +113,13 @@ class DataConfig:
                "in (0, 1)")
         _check(self.alpha > 0, "data.alpha", self.alpha, "> 0")
         _check(self.quantity_skew >= 0, "data.quantity_skew", self.quantity_skew, ">= 0")
+        _check(self.notes_per_patient >= 1, "data.notes_per_patient", self.notes_per_patient,
+               ">= 1")
+        _check(self.notes_spread >= 0, "data.notes_spread", self.notes_spread, ">= 0")
+        _check(0 <= self.comorbidity <= 1, "data.comorbidity", self.comorbidity, "in [0, 1]")
+        _check(not (self.patients and self.source == "files"), "data.patients", self.patients,
+               "false when data.source is 'files' (files name their patients in "
+               "data.patient_column)")
         if self.source == "files":  # site_files: a simulation's; a hospital names its own
             _check(len(self.labels) > 1, "data.labels", self.labels,
                    "at least two label names when data.source is 'files'")
@@ -152,6 +174,14 @@ class SiteConfig:
         default=True, metadata={"help": "Simulated sites release noisy validation counts "
                                         "each round (charged to their ε); false = they "
                                         "evaluate nothing, and train with that ε."})
+    privacy_unit: Literal["record", "patient"] = field(
+        default="record",
+        metadata={"help": "Whom ε protects at the simulated sites: one record, or one "
+                          "patient with all of their records (needs data.patients or "
+                          "data.patient_column)."})
+    max_records_per_patient: int = field(
+        default=4, metadata={"help": "privacy_unit patient: the most records a sampled "
+                                     "patient brings to one step (k)."})
 
     def __post_init__(self) -> None:
         _check(self.epsilon_budget > 0, "site.epsilon_budget", self.epsilon_budget, "> 0")
@@ -164,6 +194,8 @@ class SiteConfig:
                f"> site.min_noise_multiplier ({self.min_noise_multiplier})")
 
         _check(self.min_val_records >= 1, "site.min_val_records", self.min_val_records, ">= 1")
+        _check(self.max_records_per_patient >= 1, "site.max_records_per_patient",
+               self.max_records_per_patient, ">= 1")
 
     def budget_of(self, index: int) -> float:
         return self.budgets[index] if index < len(self.budgets) else self.epsilon_budget
@@ -190,6 +222,12 @@ class TrainConfig:
     personalize_steps: int = field(
         default=0, metadata={"help": "After federation, DP steps each site spends on its "
                                      "own copy of the global adapter; 0 = off."})
+    patient_gradient: Literal["sum", "mean"] = field(
+        default="sum",
+        metadata={"help": "Patient-level DP: a sampled patient's gradient is the sum or "
+                          "the mean of their records' gradients, clipped jointly to "
+                          "privacy.max_grad_norm (either way a patient moves a step by at "
+                          "most the clipping norm)."})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = leave as is."})
 
@@ -353,6 +391,16 @@ class NodeConfig:
         default=0.0, metadata={"help": "Most ε one run may spend; 0 = the run's target."})
     text_column: str = "text"
     label_column: str = "label"
+    patient_column: str = field(
+        default="", metadata={"help": "The column naming each record's patient; with it "
+                                      "the privacy unit defaults to the patient."})
+    privacy_unit: Literal["", "record", "patient"] = field(
+        default="", metadata={"help": "Whom ε protects: a record, or a patient with all "
+                                      "their records; '' = patient when patient-column is "
+                                      "set, else record."})
+    max_records_per_patient: int = field(
+        default=4, metadata={"help": "Patient unit: the most records a sampled patient "
+                                     "brings to one DP-SGD step (k)."})
     labels: tuple[str, ...] = field(
         default=(), metadata={"help": "The site's label names (any order, distinct, no "
                                       "','); the run's must be the same set. () = the "
@@ -403,7 +451,18 @@ class NodeConfig:
                "node config max-noise-multiplier", self.max_noise_multiplier,
                "> min-noise-multiplier >= 0")
         _check(self.count_noise > 0, "node config count-noise", self.count_noise, "> 0")
+        _check(self.max_records_per_patient >= 1, "node config max-records-per-patient",
+               self.max_records_per_patient, ">= 1")
+        _check(not (self.privacy_unit == "patient" and self.data_file
+                    and not self.patient_column),
+               "node config privacy-unit", self.privacy_unit,
+               "'record' unless patient-column names the column of each record's patient")
         _check_labels("node config labels", self.labels)
+
+    @property
+    def unit(self) -> str:
+        """The site's privacy unit: as set, else the patient where a column names them."""
+        return self.privacy_unit or ("patient" if self.patient_column else "record")
 
 
 NODE_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig))
@@ -441,6 +500,12 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
+        if self.site.privacy_unit == "patient" and not (
+                self.data.patients or self.data.patient_column):
+            raise ConfigError(
+                "site.privacy_unit is 'patient', but the data names no patients: set "
+                "data.patients: true (the embedded task's synthetic patients) or "
+                "data.patient_column (files)")
         if (self.data.source == "files" and self.data.site_files
                 and self.simulation.num_sites != len(self.data.site_files)):
             raise ConfigError(

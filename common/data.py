@@ -1,8 +1,9 @@
 """Site datasets: the embedded ICD-10-CM task, CSV/JSONL files, splits and partitions.
 
-A `TextDataset` is three parallel tuples (text, label index, group). The group is
-what must never straddle a split: for ICD-10 it is the 3-character category, so
-near-copies of one code (laterality, encounter) stay on one side.
+A `TextDataset` is parallel tuples (text, label index, group, and patient where the
+records name patients). The group is what must never straddle a split: for ICD-10 it
+is the 3-character category, so near-copies of one code (laterality, encounter) stay
+on one side; a file's records with patients are split by patient.
 
 Size: every way records enter fedcare (the embedded task, files, splits, partitions),
 with the one reader of CSV and JSONL records.
@@ -11,6 +12,7 @@ with the one reader of CSV and JSONL records.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,6 +26,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.errors import DataError
+from common.patients import check_patient_ids, shared_patients, synthetic_patients
 
 ICD10_CHAPTERS = 18  # chapters 1-18 are diagnoses; 19-22 are injuries, causes, factors
 
@@ -34,6 +37,7 @@ class TextDataset:
     labels: tuple[int, ...]
     groups: tuple[str, ...]
     label_names: tuple[str, ...]
+    patients: tuple[str, ...] = ()  # each record's patient; () = the records name none
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -44,6 +48,7 @@ class TextDataset:
             labels=tuple(self.labels[i] for i in indices),
             groups=tuple(self.groups[i] for i in indices),
             label_names=self.label_names,
+            patients=tuple(self.patients[i] for i in indices) if self.patients else (),
         )
 
     def label_counts(self) -> list[int]:
@@ -74,8 +79,12 @@ def load_icd10() -> TextDataset:
 
 
 def read_records(path: str | Path, text_column: str, label_column: str,
-                 label_names: Sequence[str], group_column: str = "") -> TextDataset:
+                 label_names: Sequence[str], group_column: str = "",
+                 patient_column: str = "", held_out: TextDataset | None = None,
+                 held_out_path: str | Path = "") -> TextDataset:
     """Read a CSV or JSONL file of (text, label) records; labels are given by name.
+    With `patient_column`, every record must name its patient, and none of them may
+    have records in `held_out` (the test set, read from `held_out_path`).
 
     The file must be UTF-8 (a spreadsheet's byte-order mark is allowed). Every problem
     is a DataError with the file and line number (1-based); no row is dropped.
@@ -86,9 +95,9 @@ def read_records(path: str | Path, text_column: str, label_column: str,
         raise DataError(f"the declared labels name {repeated[0]!r} more than once; label "
                         "names must be distinct", path=path)
     index = {name: i for i, name in enumerate(label_names)}
-    texts, labels, groups = [], [], []
+    texts, labels, groups, patients, lines = [], [], [], [], []
     for line_no, row, _ in file_rows(path):
-        for column in (text_column, label_column):
+        for column in (text_column, label_column, *([patient_column] * bool(patient_column))):
             if column not in row:
                 raise DataError(f"missing column {column!r} (columns: "
                                 f"{_short(sorted(map(str, row)))})", path=path, line=line_no)
@@ -109,7 +118,15 @@ def read_records(path: str | Path, text_column: str, label_column: str,
         labels.append(index[label])
         groups.append((_as_text(row.get(group_column, "")) or "") if group_column
                       else f"{path.name}:{line_no}")
-    return TextDataset(tuple(texts), tuple(labels), tuple(groups), tuple(label_names))
+        if patient_column:
+            patients.append(_as_text(row[patient_column]) or "")
+            lines.append(line_no)
+    if patient_column:
+        check_patient_ids(patients, lines, path, patient_column)
+        if held_out is not None:
+            shared_patients(patients, lines, held_out.patients, path, held_out_path)
+    return TextDataset(tuple(texts), tuple(labels), tuple(groups), tuple(label_names),
+                       tuple(patients))
 
 
 INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
@@ -228,13 +245,16 @@ def _short(value, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def split_by_group(ds: TextDataset, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
-    """(rest, held_out): about `fraction` of records held out, whole groups at a time."""
-    groups = sorted(set(ds.groups))
+def split_by_group(ds: TextDataset, fraction: float, seed: int,
+                   by: Sequence[str] = ()) -> tuple[TextDataset, TextDataset]:
+    """(rest, held_out): about `fraction` of records held out, whole groups at a time
+    (`by`: each record's group; default its `groups`)."""
+    by = tuple(by) or ds.groups
+    groups = sorted(set(by))
     random.Random(seed).shuffle(groups)
     target = fraction * len(ds)
     sizes: dict[str, int] = {}
-    for g in ds.groups:
+    for g in by:
         sizes[g] = sizes.get(g, 0) + 1
     held, count = set(), 0
     for g in groups:
@@ -242,8 +262,8 @@ def split_by_group(ds: TextDataset, fraction: float, seed: int) -> tuple[TextDat
             break
         held.add(g)
         count += sizes[g]
-    rest = [i for i, g in enumerate(ds.groups) if g not in held]
-    out = [i for i, g in enumerate(ds.groups) if g in held]
+    rest = [i for i, g in enumerate(by) if g not in held]
+    out = [i for i, g in enumerate(by) if g in held]
     if not rest or not out:
         raise DataError(f"cannot split {len(ds)} records into two non-empty parts "
                         f"by group with fraction {fraction}")
@@ -299,9 +319,10 @@ def fingerprint(ds: TextDataset) -> str:
 
 def site_split(ds: TextDataset, val_fraction: float, seed: int,
                min_val_records: int = 1) -> SiteData:
-    """(train, val) by group. A validation split smaller than `min_val_records` is
-    refused: a handful of records chosen by a seed is one crafted query from exposure."""
-    train, val = split_by_group(ds, val_fraction, seed)
+    """(train, val) by group, or by patient where the records name patients. A
+    validation split smaller than `min_val_records` is refused: a handful of records
+    chosen by a seed is one crafted query from exposure."""
+    train, val = split_by_group(ds, val_fraction, seed, ds.patients or ds.groups)
     if len(val) < min_val_records:
         raise DataError(f"the validation split has {len(val)} record(s), fewer than the "
                         f"site's minimum of {min_val_records}; raise the validation "
@@ -326,7 +347,8 @@ def held_out(cfg: DataConfig) -> tuple[TextDataset | None, TextDataset]:
             return split_by_group(load_icd10(), cfg.test_fraction, cfg.seed)
         if not cfg.test_file:
             raise DataError("data.test_file is required when data.source is 'files'")
-        return None, read_records(cfg.test_file, cfg.text_column, cfg.label_column, cfg.labels)
+        return None, read_records(cfg.test_file, cfg.text_column, cfg.label_column,
+                                  cfg.labels, patient_column=cfg.patient_column)
     return process_cached(("held_out", cfg), make)
 
 
@@ -345,9 +367,30 @@ def federated_data(cfg: DataConfig, num_sites: int,
             raise DataError(f"data.site_files must list one file per simulated site "
                             f"({num_sites}); it lists {len(cfg.site_files)}")
         else:
-            parts = [read_records(p, cfg.text_column, cfg.label_column, cfg.labels)
-                     for p in cfg.site_files]
-        sites = [site_split(part, cfg.val_fraction, cfg.seed + i, min_val_records)
+            parts = [read_site_file(cfg, path, test) for path in cfg.site_files]
+        sites = [with_patients(site_split(part, cfg.val_fraction, cfg.seed + i,
+                                          min_val_records), cfg, i)
                  for i, part in enumerate(parts)]
         return sites, test
     return process_cached(("federated", cfg, num_sites, min_val_records), make)
+
+
+def read_site_file(cfg: DataConfig, path: str, test: TextDataset) -> TextDataset:
+    """A simulated site's file, its patients checked against the test file's."""
+    return read_records(path, cfg.text_column, cfg.label_column, cfg.labels,
+                        patient_column=cfg.patient_column, held_out=test,
+                        held_out_path=cfg.test_file)
+
+
+def with_patients(data: SiteData, cfg: DataConfig, site: int) -> SiteData:
+    """`data` with synthetic patients (`data.patients`, the embedded task), made
+    separately on each side of the split so that none has notes on both."""
+    if not cfg.patients:
+        return data
+    def side(ds: TextDataset, name: str, offset: int) -> TextDataset:
+        ids = synthetic_patients(ds.labels, cfg.notes_per_patient, cfg.notes_spread,
+                                 cfg.comorbidity, cfg.seed * 1000 + 2 * site + offset,
+                                 f"site{site}-{name}-p")
+        return dataclasses.replace(ds, patients=ids)
+    return dataclasses.replace(data, train=side(data.train, "train", 0),
+                               val=side(data.val, "val", 1))

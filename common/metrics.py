@@ -66,14 +66,19 @@ def weighted_mean(pairs) -> dict[str, float]:
     return {k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0}
 
 
-def class_counts(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+def class_counts(pred: np.ndarray, labels: np.ndarray, num_classes: int,
+                 weights: np.ndarray | None = None) -> np.ndarray:
     """(3, C): per class, the true positives, the records (support) and the predictions.
     Adding or removing one record moves one support, one prediction and at most one
-    true positive by 1: L2 sensitivity √3."""
+    true positive by 1: L2 sensitivity √3. With `weights` (each record's, ≥ 0), the
+    weighted counts: a group of records whose weights sum to at most 1 moves each of
+    the three rows by at most 1 in L1, hence in L2, so the group's sensitivity is √3."""
     labels, pred = np.asarray(labels, dtype=np.int64), np.asarray(pred, dtype=np.int64)
-    return np.stack([np.bincount(labels[pred == labels], minlength=num_classes),
-                     np.bincount(labels, minlength=num_classes),
-                     np.bincount(pred, minlength=num_classes)]).astype(np.float64)
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    hit = pred == labels
+    return np.stack([np.bincount(labels[hit], weights=w[hit], minlength=num_classes),
+                     np.bincount(labels, weights=w, minlength=num_classes),
+                     np.bincount(pred, weights=w, minlength=num_classes)]).astype(np.float64)
 
 
 def count_metrics(counts: np.ndarray) -> dict[str, float]:

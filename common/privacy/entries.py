@@ -23,6 +23,7 @@ from typing import Any
 from common.errors import FedcareError
 from common.privacy.approvals import APPROVAL, validate as approval_problems
 
+UNITS = ("record", "patient")  # whom an entry's ε protects
 KINDS = ("train", "refusal", "personalize", "evaluate", "size", "dataset")
 RELEASES_NOTHING = ("refusal", "dataset")
 GAUSSIAN_RELEASES = ("evaluate", "size")  # (σ, q=1, 1 step): composes like a DP-SGD step
@@ -67,6 +68,9 @@ _OPTIONAL_RULES = {  # checked when present
     "dataset": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "withheld": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "released_value": (_is_num, "a finite number"),
+    "privacy_unit": (lambda v: v in UNITS, f"one of {UNITS}"),
+    "max_records_per_patient": (lambda v: isinstance(v, Integral) and not isinstance(v, bool)
+                                and v >= 1, "an integer >= 1"),
 }
 
 
@@ -196,12 +200,20 @@ def _check_kind(out: dict) -> None:
             f"0 < sample_rate <= 1, steps > 0 and max_grad_norm > 0 (got "
             f"{out['noise_multiplier']}, {out['sample_rate']}, {out['steps']}, "
             f"{out['max_grad_norm']}); non-private runs keep no ledger.")
+    if out.get("privacy_unit") == "patient" and "max_records_per_patient" not in out:
+        raise LedgerEntryError("A patient-level entry must state its contribution bound in "
+                               "max_records_per_patient.")
     if "withheld" in out and (kind != "train" or out["update_sha256"] is not None):
         raise LedgerEntryError("Only a train entry whose update was not sent may say why in "
                                "withheld; its update_sha256 must then be None.")
     if kind == "train" and out["update_sha256"] is None and "withheld" not in out:
         raise LedgerEntryError("A train entry without update_sha256 sent no update: say why "
                                "in withheld (e.g. 'the update held NaN').")
+
+
+def unit_of(entry: dict) -> str:
+    """Whom an entry's ε protects: its `privacy_unit`, or (older ledgers) the record."""
+    return entry.get("privacy_unit", "record")
 
 
 def dataset_of(entry: dict) -> str:

@@ -47,7 +47,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 
 from common.errors import FedcareError
 from common.privacy.approvals import APPROVAL, APP_FIELD, app_problems, releases
-from common.privacy.entries import RELEASES_NOTHING
+from common.privacy.entries import RELEASES_NOTHING, UNITS, unit_of
 from common.privacy.ledger import (
     HEADS_SUFFIX, chain_problems, heads_file, parse_head, parse_ledger_bytes,
 )
@@ -108,6 +108,8 @@ class EntryResult:
     withheld: str | None = None    # a train entry's reason for not sending its update
     released_value: float | None = None  # a size entry's noisy count
     app_sha256: str | None = None  # the approved app it was made under, when the site says
+    privacy_unit: str = "record"   # whom its ε protects: a record, or a patient
+    max_records_per_patient: int | None = None  # k, the patient unit's contribution bound
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,7 @@ def _check_accounting(site: str, entries: list[dict],
     problems: list[Problem] = []
     histories: dict[str, list[tuple[float, float, int]]] = {}
     last: dict[str, tuple[float, float]] = {}  # dataset -> (claimed ε, δ)
+    units: dict[str, tuple[str, int]] = {}  # dataset -> (its unit, the seq that set it)
     for pos, entry in enumerate(entries):
         seq, kind = _seq(entry, pos), str(entry.get("kind"))
         data = str(entry.get("data_fingerprint"))
@@ -391,6 +394,16 @@ def _check_accounting(site: str, entries: list[dict],
                 f"started it and the ledger already holds {sorted(histories)}: only a ledger's "
                 "first dataset may start implicitly, so this fresh budget was never declared.")
         history = histories.setdefault(dataset, [])
+        unit = unit_of(entry)
+        if unit not in UNITS:
+            say(f"Entry seq {seq} names privacy unit {unit!r}; the units are {list(UNITS)}.")
+        elif kind not in RELEASES_NOTHING:
+            first, since = units.setdefault(dataset, (unit, seq))
+            if unit != first:
+                say(f"Entry seq {seq} releases with the {unit} as the unit of privacy on "
+                    f"dataset {dataset!r}, whose releases since seq {since} protect the "
+                    f"{first}: ε in one unit does not add to ε in the other, so neither "
+                    "claim holds for the dataset.")
         if None in (sigma, q, steps, claim, delta, budget) or not 0 < delta < 1:
             say(f"Entry seq {seq} lacks a valid noise_multiplier, sample_rate, steps, "
                 "epsilon, delta or epsilon_budget, so its ε cannot be re-derived.")
@@ -469,7 +482,8 @@ def _check_accounting(site: str, entries: list[dict],
             _num(entry, "max_grad_norm"), delta, claim, budget, rdp, pld,
             text("reason"), text("time"), text("accountant"), reference, dataset,
             text("run_id"), text("withheld"), _num(entry, "released_value"),
-            text(APP_FIELD)))
+            text(APP_FIELD), unit if isinstance(unit, str) else repr(unit),
+            _num(entry, "max_records_per_patient", int)))
     return rows, problems
 
 
