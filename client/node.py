@@ -22,7 +22,7 @@ from client.budget import Policy
 from common.config import Config, NodeConfig, from_node_config, from_run_config
 from common.data import (
     DataError, SiteData, federated_data, held_out, process_cached, read_records,
-    read_site_file, site_split,
+    read_site_file, site_split, with_patients,
 )
 from common.names import check_name
 from common.privacy.approvals import APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved
@@ -72,8 +72,8 @@ def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str,
                         f"({node.num_partitions}); it lists {len(d.site_files)}")
     records = process_cached(("records", d.site_files[site], d),
                              lambda: read_site_file(d, d.site_files[site], held_out(d)[1]))
-    return (site_split(records, d.val_fraction, d.seed + site, cfg.site.min_val_records),
-            tuple(d.labels))
+    return (with_patients(site_split(records, d.val_fraction, d.seed + site,
+                                     cfg.site.min_val_records), d, site), tuple(d.labels))
 
 
 def _deployed_site(cfg: Config, node: NodeConfig) -> Site:

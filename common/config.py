@@ -102,6 +102,11 @@ class DataConfig:
     comorbidity: float = field(
         default=0.7, metadata={"help": "icd10 patients: the chance that a patient's note "
                                        "comes from the chapter of their first note."})
+    max_notes_per_patient: int = field(
+        default=0, metadata={"help": "Simulation: keep at most this many of each "
+                                     "patient's training notes (chosen by data.seed), "
+                                     "dropping the rest; 0 = keep all. The group-privacy "
+                                     "baseline bounds a patient's notes this way."})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +122,11 @@ class DataConfig:
                ">= 1")
         _check(self.notes_spread >= 0, "data.notes_spread", self.notes_spread, ">= 0")
         _check(0 <= self.comorbidity <= 1, "data.comorbidity", self.comorbidity, "in [0, 1]")
+        _check(self.max_notes_per_patient >= 0, "data.max_notes_per_patient",
+               self.max_notes_per_patient, ">= 0")
+        _check(not self.max_notes_per_patient or self.patients or self.patient_column,
+               "data.max_notes_per_patient", self.max_notes_per_patient,
+               "0 unless the data names patients (data.patients or data.patient_column)")
         _check(not (self.patients and self.source == "files"), "data.patients", self.patients,
                "false when data.source is 'files' (files name their patients in "
                "data.patient_column)")

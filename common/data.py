@@ -384,13 +384,30 @@ def read_site_file(cfg: DataConfig, path: str, test: TextDataset) -> TextDataset
 
 def with_patients(data: SiteData, cfg: DataConfig, site: int) -> SiteData:
     """`data` with synthetic patients (`data.patients`, the embedded task), made
-    separately on each side of the split so that none has notes on both."""
-    if not cfg.patients:
-        return data
+    separately on each side of the split so that none has notes on both; then, with
+    `data.max_notes_per_patient`, each patient's training notes cut to that many."""
     def side(ds: TextDataset, name: str, offset: int) -> TextDataset:
         ids = synthetic_patients(ds.labels, cfg.notes_per_patient, cfg.notes_spread,
                                  cfg.comorbidity, cfg.seed * 1000 + 2 * site + offset,
                                  f"site{site}-{name}-p")
         return dataclasses.replace(ds, patients=ids)
-    return dataclasses.replace(data, train=side(data.train, "train", 0),
-                               val=side(data.val, "val", 1))
+    if cfg.patients:
+        data = dataclasses.replace(data, train=side(data.train, "train", 0),
+                                   val=side(data.val, "val", 1))
+    if cfg.max_notes_per_patient:
+        data = dataclasses.replace(data, train=at_most(data.train, cfg.max_notes_per_patient,
+                                                       cfg.seed + site))
+    return data
+
+
+def at_most(ds: TextDataset, notes: int, seed: int) -> TextDataset:
+    """`ds` with at most `notes` records of each patient, chosen at random by `seed`."""
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    kept, taken = [], {}
+    for i in order:
+        patient = ds.patients[i]
+        if taken.get(patient, 0) < notes:
+            taken[patient] = taken.get(patient, 0) + 1
+            kept.append(i)
+    return ds.subset(sorted(kept))

@@ -290,3 +290,22 @@ def test_the_embedded_tasks_patients_stay_on_one_side_of_every_split():
         assert not (train | val) & seen  # and no patient is at two sites
         seen |= train | val
         assert len(train) < len(data.train) / 2
+
+
+def test_group_privacy_reads_a_record_level_guarantee_for_a_patient():
+    eps, delta = accounting.group_privacy(1.0, 1e-6, 3)
+    assert eps == 3.0 and delta == pytest.approx(1e-6 * (1 + math.e + math.e ** 2))
+    per_record = accounting.per_record_for_group(8.0, 1e-5, 4)
+    assert accounting.group_privacy(*per_record, 4) == pytest.approx((8.0, 1e-5))
+    assert accounting.group_privacy(2.0, 1e-5, 1) == (2.0, 1e-5)
+
+
+def test_the_group_baseline_keeps_at_most_k_notes_of_each_patient():
+    cfg = from_mapping({"data": {"patients": True, "max_notes_per_patient": 2}}).data
+    full = from_mapping({"data": {"patients": True}}).data
+    capped, _ = federated_data(cfg, 2, 10)
+    whole, _ = federated_data(full, 2, 10)
+    for few, many in zip(capped, whole):
+        assert max(Counter(few.train.patients).values()) == 2
+        assert set(few.train.patients) == set(many.train.patients)
+        assert len(few.train) < len(many.train) and few.val == many.val
