@@ -1,10 +1,12 @@
 """`fedcare site`: a hospital's own state, its signing key, ledger and approved apps.
 
     fedcare site init STATE_DIR
-    fedcare site status STATE_DIR
+    fedcare site status STATE_DIR [--notes-per-patient N | --data FILE --patient-column C]
     fedcare site new-dataset STATE_DIR --dataset NAME --reason TEXT [--budget EPS] [--delta D]
 
-status prints, per dataset, the budget, ε spent and left, δ, the data versions and
+status prints, per dataset, the budget, ε spent and left, δ, the unit of privacy
+(record, or patient with its bound k; a record-level ε is also read for a patient by
+group privacy, for the site's largest patient when it is given), the data versions and
 every entry, and whether the chain and signatures verify (exit 0 verified, 1 not, 2
 no ledger). new-dataset appends a signed "dataset" entry: the hospital declares that
 NAME is new data with a fresh budget, and says why. Both read what the auditor reads:
@@ -17,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-from common.errors import run_command
+from common.data import file_rows
+from common.errors import DataError, run_command
 from common.names import check_name
+from common.privacy.group import patient_reading, reading_text
 from common.privacy.entries import LedgerError
 from common.privacy.ledger import LEDGER_FILE, Ledger
-from common.privacy.report import dataset_summaries, format_epsilon
+from common.privacy.report import dataset_summaries, format_epsilon, unit_text
 from common.privacy.signing import (
     PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, KeyFileError, load_or_create_site_key,
     public_key_fingerprint,
@@ -48,6 +53,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     status = site_commands.add_parser(
         "status", help="the site's budget per dataset, its entries, and whether they verify")
     status.add_argument("state_dir", type=Path, help="the site's state folder")
+    status.add_argument("--notes-per-patient", type=_positive, default=None, metavar="N",
+                        help="the site's largest number of notes of one patient, for the "
+                             "patient reading of a record-level ε")
+    status.add_argument("--data", type=Path, default=None, metavar="FILE",
+                        help="or the site's data file, to count them (with --patient-column)")
+    status.add_argument("--patient-column", default="", metavar="COLUMN",
+                        help="the column of --data that names each record's patient")
     status.set_defaults(func=cmd_status)
     new = site_commands.add_parser(
         "new-dataset", help="declare a new dataset with a fresh budget (signed, with a reason)")
@@ -98,6 +110,11 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
     except (VerifyInputError, KeyFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        notes = _largest_patient(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     site = report.sites[0]
     say = lambda line="": print(line, file=out)  # noqa: E731
     say(f"site {site.site}: ledger {ledger}, {len(site.entries)} entries")
@@ -106,6 +123,10 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
         say(f"dataset {d['dataset']}: budget ε={format_epsilon(d['budget'])}, spent "
             f"ε={format_epsilon(d['spent'])}, left ε={format_epsilon(d['left'])}, "
             f"δ={'—' if d['delta'] is None else format(d['delta'], 'g')}")
+        say(f"  unit: {unit_text(d)}")
+        if d["unit"] == "record" and d["spent"] and d["delta"]:
+            say("  read for a patient (group privacy, docs/accounting.md): " + reading_text(
+                patient_reading(d["spent"], d["delta"], notes), bool(notes)))
         started = d["started"]
         say(f"  started at seq {started['seq']}: {started['reason']}" if started
             else "  started with its first release")
@@ -171,6 +192,32 @@ def cmd_new_dataset(args: argparse.Namespace, out=None) -> int:
           f"ε={entry['epsilon_budget']:g} at δ={entry['delta']:g}; releases that name dataset "
           f"{args.dataset} spend from it.", file=out or sys.stdout)
     return 0
+
+
+def _largest_patient(args: argparse.Namespace) -> int | None:
+    """The most notes one patient has at the site: given, or counted in --data."""
+    if args.data is None:
+        return args.notes_per_patient
+    if not args.patient_column:
+        raise DataError("--data needs --patient-column: the column naming each record's "
+                        "patient", path=args.data)
+    counts: Counter = Counter()
+    for line, row, _ in file_rows(args.data):
+        if args.patient_column not in row:
+            raise DataError(f"missing column {args.patient_column!r}", path=args.data,
+                            line=line)
+        counts[str(row[args.patient_column])] += 1
+    return max(counts.values())
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
 
 
 def _cell(value) -> str:

@@ -29,7 +29,7 @@ from common.config import Config, dump_yaml
 from common.message_keys import Keys
 from common.metrics import weighted_mean
 from common.privacy.approvals import releases
-from common.privacy.entries import dataset_of
+from common.privacy.entries import dataset_of, unit_of
 from common.privacy.ledger import heads_file
 
 
@@ -191,11 +191,15 @@ class RunRecorder:
                      if r.get(Keys.EPSILON) is not None}
             spent = {r[Keys.SITE]: max(r[Keys.EPSILON], later.get(r[Keys.SITE], 0.0))
                      for r in rows if r.get(Keys.EPSILON) is not None}
+            units = {r.get(UNIT, "record") for r in rows if r[Keys.SITE] in spent}
+            mixed = len(units) > 1
             eps = " ".join(f"{r[Keys.SITE]}={spent[r[Keys.SITE]]:.2f}"
                            + (f"({max(0.0, r[BUDGET] - spent[r[Keys.SITE]]):.2f})"
                               if r.get(BUDGET) is not None else "")
+                           + (f"/{r.get(UNIT, 'record')}" if mixed else "")
                            for r in rows if r[Keys.SITE] in spent)
-            parts.append(f"ε spent (left) {eps}")
+            per = "" if mixed or not units else f" per {units.pop()}"
+            parts.append(f"ε{per} spent (left) {eps}")
         else:
             parts.append("NON-PRIVATE")
         if any(r.get(Keys.SECURE_AGGREGATION) for r in self._phase("train", round_no)):
@@ -251,6 +255,14 @@ class RunRecorder:
                 return r[BUDGET]
         return None
 
+    def _site_unit(self, site: str) -> dict | None:
+        """Whom the site's ε protects, as its ledger states: {"unit": "patient",
+        "max_records_per_patient": 4} or {"unit": "record"}."""
+        for r in reversed(self.rows):
+            if r["phase"] == "train" and r[Keys.SITE] == site and r.get(UNIT):
+                return {"unit": r[UNIT], **({BOUND: r[BOUND]} if r.get(BOUND) else {})}
+        return None
+
     def _problems(self, aliases: dict[str, str] | None = None) -> dict:
         """Per site: each reply that was not accepted (refused, rejected, failed), with
         its round, phase and reason. `aliases`: node-<id> -> the site name that node
@@ -289,6 +301,8 @@ class RunRecorder:
             "delta_per_site": delta if self.cfg.privacy.enabled else None,
             "epsilon_budget_per_site": {s: self._site_budget(s) for s in sites}
             if self.cfg.privacy.enabled else None,
+            "privacy_unit_per_site": {s: self._site_unit(s) for s in sites}
+            if self.cfg.privacy.enabled else None,
             "problems_per_site": self._problems(aliases),
             "bytes_sent_per_site_per_round": bytes_sent,
             "wall_seconds": round(time.perf_counter() - self.start, 2),
@@ -318,6 +332,7 @@ def _config_text(cfg: Config, deployed: bool) -> str:
 
 
 BUDGET, BUDGET_LEFT, PRIOR_EPSILON = "epsilon_budget", "epsilon_left", "epsilon_before_run"
+UNIT, BOUND = "privacy_unit", "max_records_per_patient"  # as the site's ledger states them
 
 
 def _budget_facts(ledger: str, run_id: str) -> dict:
@@ -331,9 +346,10 @@ def _budget_facts(ledger: str, run_id: str) -> dict:
         before = [float(e["epsilon"]) for e in same if e.get("run_id") != run_id]
         facts = {BUDGET: budget, BUDGET_LEFT: max(0.0, budget - float(last["epsilon"])),
                  PRIOR_EPSILON: max(before, default=0.0)}
+        unit = {UNIT: unit_of(last), BOUND: last.get(BOUND)}
     except (ValueError, KeyError, IndexError, TypeError):
         return {}  # an unreadable ledger is the auditor's finding, not the progress line's
-    return facts if all(math.isfinite(v) for v in facts.values()) else {}
+    return {**facts, **unit} if all(math.isfinite(v) for v in facts.values()) else {}
 
 
 def _split_personalized(row: dict) -> dict:

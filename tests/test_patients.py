@@ -309,3 +309,45 @@ def test_the_group_baseline_keeps_at_most_k_notes_of_each_patient():
         assert max(Counter(few.train.patients).values()) == 2
         assert set(few.train.patients) == set(many.train.patients)
         assert len(few.train) < len(many.train) and few.val == many.val
+
+
+def _status(state: Path, *extra: str) -> str:
+    import io
+    from client.site_cli import cmd_status
+    import argparse
+    out = io.StringIO()
+    args = argparse.Namespace(state_dir=state, notes_per_patient=None, data=None,
+                              patient_column="")
+    for key, value in zip(extra[::2], extra[1::2]):
+        setattr(args, key, value)
+    assert cmd_status(args, out) == 0
+    return out.getvalue()
+
+
+def test_site_status_and_the_report_say_whom_epsilon_protects(tmp_path):
+    from common.privacy.report import report_data
+
+    record, patient = tmp_path / "record", tmp_path / "patient"
+    SiteGuard("h", record, "sha256:x", Policy(8.0, 1e-5)).public_size(100, 5.0, "r", 1)
+    SiteGuard("h", patient, "sha256:x", Policy(8.0, 1e-5, unit="patient",
+                                                 max_records_per_patient=3)
+              ).public_size(40, 5.0, "r", 1)
+    text = _status(patient)
+    assert "ε per patient, with all of their notes" in text and "k=3" in text
+    assert "read for a patient" not in text
+    text = _status(record)
+    spent = accounting.epsilon([(5.0, 1.0, 1)], 1e-5)
+    assert "ε per record" in text and "a patient with 2 notes" in text
+    assert f"ε ≤ {20 * spent:.4g}" in text  # 20 notes: 20 ε, group privacy
+    data = write_patient_records(tmp_path / "data.csv", 6, seed=4)
+    largest = max(Counter(r["patient"] for r in csv.DictReader(data.open())).values())
+    text = _status(record, "data", data, "patient_column", "patient")
+    assert f"the site's largest patient, {largest} notes: ε ≤ {largest * spent:.4g}" in text
+    facts = report_data(verify_path(record / LEDGER_FILE), notes_per_patient=7)
+    dataset = facts["sites"][0]["datasets"][0]
+    assert dataset["unit"] == "record"
+    assert dataset["patient_reading"] == [{"notes": 7, **dict(zip(
+        ("epsilon", "delta"), accounting.group_privacy(dataset["spent"], 1e-5, 7)))}]
+    facts = report_data(verify_path(patient / LEDGER_FILE))
+    assert facts["sites"][0]["datasets"][0]["unit"] == "patient"
+    assert facts["sites"][0]["datasets"][0]["patient_reading"] == []

@@ -37,6 +37,8 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from common.privacy.group import group_privacy, per_record_for_group  # noqa: F401 - re-exported
+
 History = list[tuple[float, float, int]]
 Schedule = Sequence[tuple[float, int]]  # (sample_rate, steps) segments, all at one σ
 Kind = Literal["prv", "rdp"]
@@ -175,29 +177,6 @@ def _smallest_sigma(eps_at: Callable[[float], float], target: float, tol: float,
         step = 0.0 if fits is None else 0.4 * tol * max(1.0, math.exp(x)) * (-1 if fits else 1)
         probe = min(max(math.exp(x) + step, low), high)
     return (math.exp(hi[0]), slope) if hi else None
-
-
-def group_privacy(epsilon: float, delta: float, group: int) -> tuple[float, float]:
-    """(ε, δ) for a group of `group` units under a mechanism that is (epsilon, delta)-DP
-    for one unit: ε_g = g·ε and δ_g = δ·(e^{gε} − 1)/(e^ε − 1) = δ·Σ_{i<g} e^{iε}
-    (the standard group-privacy argument, applied one unit at a time; Vadhan 2017,
-    Lemma 2.2; docs/accounting.md). A record-level guarantee read for a patient
-    with `group` notes."""
-    if group < 1:
-        raise ValueError(f"a group has at least one member (got {group})")
-    if epsilon == 0:
-        return 0.0, min(1.0, delta * group)
-    return group * epsilon, min(1.0, delta * math.expm1(group * epsilon) / math.expm1(epsilon))
-
-
-def per_record_for_group(epsilon: float, delta: float, group: int) -> tuple[float, float]:
-    """The record-level (ε, δ) whose group-privacy reading for `group` records is
-    (epsilon, delta): ε/g and δ·(e^{ε/g} − 1)/(e^ε − 1). The baseline that protects a
-    patient of at most `group` notes by record-level DP-SGD."""
-    if group < 1:
-        raise ValueError(f"a group has at least one member (got {group})")
-    eps = epsilon / group
-    return eps, delta * math.expm1(eps) / math.expm1(epsilon) if epsilon else delta / group
 
 
 def _kind(kind: str) -> str:

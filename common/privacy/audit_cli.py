@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction,
                         help="HTML file (default: PATH/audit_report.html; JSON beside it)")
     report.add_argument("--trusted-keys", type=Path, default=None,
                         help="folder of <site>.pub.pem keys to pin each site's signature to")
+    report.add_argument("--notes-per-patient", type=_notes, default=None, metavar="N",
+                        help="the most notes one patient has at a site (as the hospital "
+                             "states it), for the patient reading of a record-level ε; "
+                             "default: a table for 2 to 50 notes")
     report.set_defaults(func=run_report)
     for add in more:
         add(commands)
@@ -61,7 +65,9 @@ def run_verify(args: argparse.Namespace) -> int:
         where = "" if problem.seq is None else f" seq {problem.seq}"
         print(f"PROBLEM [{problem.site}{where}] {problem.message}")
     for site in report.sites:
-        spent = ", ".join(f"ε={format_epsilon(d['spent'])} on dataset {d['dataset']}"
+        spent = ", ".join(f"ε={format_epsilon(d['spent'])} per {d['unit']}"
+                          + (f" (k={d['max_records_per_patient']})" if d["unit"] == "patient"
+                             else "") + f" on dataset {d['dataset']}"
                           for d in dataset_summaries(site.entries)) or "no ε"
         unpinned = ("; KEYS UNPINNED: signatures checked only against the key sent with the "
                     "ledger, pass --trusted-keys to pin them") if not site.keys_pinned else ""
@@ -81,7 +87,8 @@ def run_report(args: argparse.Namespace) -> int:
         out_html = path.with_name(path.stem + ".audit_report.html")
     out_json = out_html.with_suffix(".json")
     try:
-        data = write_report(path, out_html, out_json, args.trusted_keys)
+        data = write_report(path, out_html, out_json, args.trusted_keys,
+                            notes_per_patient=args.notes_per_patient)
     except (VerifyInputError, KeyFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +97,16 @@ def run_report(args: argparse.Namespace) -> int:
     if not data["ok"]:
         print("The report lists problems; `fedcare audit verify` exits 1 on them.")
     return 0
+
+
+def _notes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
 
 
 def _tolerance(text: str) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from typing import Sequence
 
+from common.privacy.group import patient_reading, reading_text
 from common.privacy.verify import (
     AUDIT_ORDERS, PLD_DISCRETIZATION, PRV_EPS_ERROR, EntryResult, SiteResult, VerifyReport,
     verify_path,
@@ -36,10 +37,13 @@ def format_epsilon(value: float | None) -> str:
 
 
 def write_report(path: Path, out_html: Path, out_json: Path,
-                 trusted_keys: Path | None = None, tolerance: float = 1e-2) -> dict:
+                 trusted_keys: Path | None = None, tolerance: float = 1e-2,
+                 notes_per_patient: int | None = None) -> dict:
     """Verify `path`, write the HTML page and its JSON twin, and return the JSON facts.
-    A run directory's empirical audit (audit/empirical.json) is shown next to the claims."""
-    data = report_data(verify_path(Path(path), trusted_keys, tolerance))
+    A run directory's empirical audit (audit/empirical.json) is shown next to the claims.
+    `notes_per_patient`: the most notes of one patient, for reading record-level claims
+    per patient (None: a table of group sizes)."""
+    data = report_data(verify_path(Path(path), trusted_keys, tolerance), notes_per_patient)
     empirical = Path(path) / "audit" / "empirical.json"
     if empirical.is_file():
         data["empirical"] = json.loads(empirical.read_text())
@@ -51,7 +55,7 @@ def write_report(path: Path, out_html: Path, out_json: Path,
     return data
 
 
-def report_data(report: VerifyReport) -> dict:
+def report_data(report: VerifyReport, notes_per_patient: int | None = None) -> dict:
     return {
         "path": report.path,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -63,19 +67,24 @@ def report_data(report: VerifyReport) -> dict:
                                    f"to {AUDIT_ORDERS[-1]:g}",
                      "pld_discretization": PLD_DISCRETIZATION,
                      "prv_eps_error": PRV_EPS_ERROR},
-        "sites": [_site_data(site) for site in report.sites],
+        "notes_per_patient": notes_per_patient,
+        "sites": [_site_data(site, notes_per_patient) for site in report.sites],
     }
 
 
 def dataset_summaries(entries: Sequence[EntryResult]) -> list[dict]:
     """Per dataset, in order of first appearance: its budget (the latest entry's), ε
-    spent (the latest claim) and left, δ, the entry that started it (None: it started
-    with its first release) and its data versions, each with its first and last seq."""
+    spent (the latest claim) and left, δ, the unit its releases protect (record or
+    patient, with k), the entry that started it (None: it started with its first
+    release) and its data versions, each with its first and last seq."""
     out: dict[str, dict] = {}
     for e in entries:
         d = out.setdefault(e.dataset or e.data_fingerprint, {
             "dataset": e.dataset or e.data_fingerprint, "budget": None, "spent": 0.0,
-            "left": None, "delta": None, "started": None, "versions": {}})
+            "left": None, "delta": None, "started": None, "versions": {},
+            "unit": "record", "max_records_per_patient": None})
+        if e.kind not in ("dataset", "refusal"):  # the unit its releases protect
+            d["unit"], d["max_records_per_patient"] = e.privacy_unit, e.max_records_per_patient
         d["budget"] = e.epsilon_budget if e.epsilon_budget is not None else d["budget"]
         d["spent"] = e.epsilon_claimed if e.epsilon_claimed is not None else d["spent"]
         d["delta"] = e.delta if e.delta is not None else d["delta"]
@@ -93,13 +102,15 @@ def dataset_summaries(entries: Sequence[EntryResult]) -> list[dict]:
     return list(out.values())
 
 
-def _site_data(site: SiteResult) -> dict:
+def _site_data(site: SiteResult, notes_per_patient: int | None = None) -> dict:
     entries = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
                 for k, v in dataclasses.asdict(e).items()} for e in site.entries]
     budgets = sorted({e.epsilon_budget for e in site.entries if e.epsilon_budget is not None})
     return {"site": site.site, "ledger": site.ledger, "status": site.status,
             "keys_pinned": site.keys_pinned, "key_fingerprints": list(site.key_fingerprints),
-            "epsilon_budgets": budgets, "datasets": dataset_summaries(site.entries),
+            "epsilon_budgets": budgets,
+            "datasets": [_with_reading(d, notes_per_patient)
+                         for d in dataset_summaries(site.entries)],
             "problems": [{"seq": p.seq, "message": p.message} for p in site.problems],
             "entries": entries, "approvals": [dataclasses.asdict(a) for a in site.approvals]}
 
@@ -180,7 +191,7 @@ def _site_html(site: dict) -> str:
                 for d in site.get("datasets", []) for v in d["versions"]}
     out.append("<table><tr><th>seq</th><th>round</th><th>kind</th><th>dataset</th>"
                "<th>data</th><th>σ</th><th>q</th><th>steps</th><th>C</th><th>δ</th>"
-               "<th>ε claimed</th><th>ε re-derived (RDP)</th><th>ε (PLD)</th><th>app</th>"
+               "<th>unit</th><th>ε claimed</th><th>ε re-derived (RDP)</th><th>ε (PLD)</th><th>app</th>"
                "<th>note</th></tr>")
     for r in site["entries"]:
         dataset = r.get("dataset") or r["data_fingerprint"]
@@ -192,7 +203,7 @@ def _site_html(site: dict) -> str:
         cells = [r["seq"], r["round"], r["kind"], dataset,
                  None if version is None else f"v{version}", _g(r["noise_multiplier"]),
                  _g(r["sample_rate"]), r["steps"], _g(r["max_grad_norm"]), _g(r["delta"]),
-                 _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"]),
+                 _unit_cell(r), _eps(r["epsilon_claimed"]), _eps(r["epsilon_rdp"]), _eps(r["epsilon_pld"]),
                  r.get("app_sha256") and r["app_sha256"][:12], note]
         row_class = f" class='{r['kind']}'" if r["kind"] in ("refusal", "dataset") else ""
         out.append(f"<tr{row_class}>" + "".join(
@@ -205,6 +216,12 @@ def _site_html(site: dict) -> str:
             for r in refusals) + "</ul>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def _unit_cell(r: dict) -> str:
+    if r["kind"] in ("dataset", "refusal") or r.get("privacy_unit") in (None, "record"):
+        return "record" if r["kind"] not in ("dataset", "refusal") else "—"
+    return f"patient (k={r.get('max_records_per_patient')})"
 
 
 def _datasets_html(site: dict) -> str:
@@ -221,10 +238,14 @@ def _datasets_html(site: dict) -> str:
             for v in d["versions"]) or "none released yet"
         newer = (" A new data version spends from the same budget."
                  if len(d["versions"]) > 1 else "")
-        out.append(f"<p class='dataset'>Dataset <code>{e(d['dataset'])}</code>: budget ε = "
+        reading = ("<br>Read for a patient (group privacy): " + e(reading_text(
+            d["patient_reading"], len(d["patient_reading"]) == 1)) + "."
+            if d.get("patient_reading") else "")
+        out.append(f"<p class='dataset'>Dataset <code>{e(d['dataset'])}</code> "
+                   f"({e(unit_text(d))}): budget ε = "
                    f"{e(format_epsilon(d['budget']))}, spent ε = {e(format_epsilon(d['spent']))}"
                    f", left ε = {e(format_epsilon(d['left']))}, δ = {_g(d['delta']) or '—'}. "
-                   f"{how} Data versions: {versions}.{newer}</p>")
+                   f"{how} Data versions: {versions}.{newer}{reading}</p>")
     return "\n".join(out)
 
 
@@ -312,3 +333,18 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:60em;color:#222}"
         "tr.dataset{background:#eaf1fb}"
         ".ok{color:#2a8a4a}.warn{color:#b8860b}.bad{color:#c0392b}"
         "ul.problems li{color:#c0392b}svg text{font-size:11px}code{font-size:90%}")
+
+
+def _with_reading(d: dict, notes: int | None) -> dict:
+    """A record-level dataset's claim read for a patient (group privacy)."""
+    reading = patient_reading(d["spent"], d["delta"], notes) \
+        if d["unit"] == "record" and d["spent"] and d["delta"] else []
+    return {**d, "patient_reading": reading}
+
+
+def unit_text(d: dict) -> str:
+    """How a dataset's ε reads: 'ε per patient (at most k=4 notes a step)' or per record."""
+    if d["unit"] == "patient":
+        return (f"ε per patient, with all of their notes (each patient brings at most "
+                f"k={d['max_records_per_patient']} notes to a step)")
+    return "ε per record (one note; a patient with several notes is protected as a group)"
