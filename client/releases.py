@@ -10,6 +10,12 @@ Every record of a reply is a release. Each key below names its mechanism:
   own settings (σ, q, steps, ε, the signed entries themselves);
 - PUBLIC: data-independent (names, flags, keys, byte counts fixed by the shapes).
 
+Every cost is in the site's unit of privacy (`Policy.unit`, named in each ledger
+entry): at a patient-level site the update is patient-level DP-SGD (patients sampled,
+at most k notes each, clipped jointly), the size is a noisy patient count (sensitivity 1
+per patient) and the validation counts weigh each of a patient's m notes 1/m (a patient
+moves them by at most √3, as a record does); UNITS below says so for each release.
+
 A site whose node config sets `private = false` sends the same keys with exact values.
 `release_filter` refuses a reply that carries anything undeclared; `ContainErrors`
 turns a failure into a code and a reference, keeping the details (file, line, values)
@@ -50,6 +56,18 @@ RELEASES: dict[str, dict[str, str]] = {
         **{f"personalized_{name}": DP_COUNT
            for name in ("accuracy", "macro_recall", "macro_f1")},
         Keys.PERSONALIZED_ADAPTER: PUBLIC, Keys.PERSONALIZED_REFUSED: LEDGER},
+}
+
+
+# what one unit (a record, or a patient with all of their records) can move, per release
+UNITS = {
+    "fitres.parameters": "one clipped gradient, at most C: a record's, or the joint clip "
+                         "of a patient's at most k records",
+    "fitres.num_examples": "1: the noisy count of training records, or of patients",
+    "evaluateres.num_examples": "1: the noisy sum of validation weights (records, or "
+                                "patients: a patient's m notes weigh 1/m each)",
+    "evaluateres.metrics": "√3 in the per-class counts they are computed from, for a "
+                           "record or for a patient (notes weighed 1/m)",
 }
 
 

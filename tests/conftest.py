@@ -54,6 +54,25 @@ def write_records(path: Path, n: int, seed: int, skew: str | None = None) -> Pat
     return path
 
 
+def write_patient_records(path: Path, patients: int, seed: int, prefix: str = "p",
+                          blank_at: int | None = None) -> Path:
+    """CSV (note, diagnosis, patient): each patient 1-12 notes, mostly of one label."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["note", "diagnosis", "patient"])
+        line = 1
+        for p in range(patients):
+            own = rng.choice(LABELS)
+            for _ in range(rng.randint(1, 12)):
+                label = own if rng.random() < 0.8 else rng.choice(LABELS)
+                words = [rng.choice(CUES[label]) for _ in range(2)] + rng.sample(WORDS, 2)
+                line += 1
+                writer.writerow([" ".join(words), label,
+                                 "" if line == blank_at else f"{prefix}{p}"])
+    return path
+
+
 @pytest.fixture(scope="session")
 def site_files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sites")

@@ -39,7 +39,7 @@ from common.privacy.ledger import LEDGER_FILE
 from common.privacy.signing import PUBLIC_KEY_FILE, load_or_create_site_key
 from common.privacy.verify import verify_path
 from server.certs import add_site
-from tests.conftest import LABELS, write_records, write_tiny_model
+from tests.conftest import LABELS, write_patient_records, write_records, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +52,7 @@ GUIDE_ADDRESS = "fl.example.org:8000"  # the guide's SuperLink address, made loo
 BUDGETS = {"site-a": 24.0, "site-b": 8.0, "site-c": 5.0}
 RUN_CAPS = {"site-a": 8.0, "site-b": 0.0, "site-c": 0.0}
 TARGET_EPSILON = 8.0  # privacy.target_epsilon's default
+PATIENT_SITE = "site-b"  # protects patients (its node config names its patient column)
 INTRUDER = "site-x"  # has a key pair, but the operator never registers it
 RUN_TIMEOUT = 360  # seconds for `flwr run --stream`; it took 150-225 s on 2 busy cores
 
@@ -318,7 +319,10 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             shutil.copy(certs / "sites" / site / "auth.key", inbox / "auth.key")
             bash(f"receive-{site}", receive.replace("site-a", site), env, cwd=inbox)
             assert (home / "certs" / "sites" / site / "auth.key").stat().st_mode & 0o077 == 0
-            write_records(home / "data" / "notes.csv", 120, seed=i, skew=LABELS[i])
+            if site == PATIENT_SITE:  # a file that names each note's patient
+                write_patient_records(home / "data" / "notes.csv", 20, seed=i)
+            else:
+                write_records(home / "data" / "notes.csv", 120, seed=i, skew=LABELS[i])
         # site-a, the guide's hospital: its node config file and ledger key, as shown
         bash("node-config-site-a", guide_command('cat > "$FEDCARE_DIR/node-config.toml"'),
              envs["site-a"])
@@ -349,6 +353,8 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             values = {"site": site, "data-file": home / "data" / "notes.csv",
                       "state-dir": home / "state", "epsilon-budget": BUDGETS[site],
                       "delta": 1e-5, "text-column": "note", "label-column": "diagnosis"}
+            if site == PATIENT_SITE:  # its own choice: the patient as the unit of privacy
+                values.update({"patient-column": "patient", "max-records-per-patient": 2})
             inline = " ".join(f"{k}={toml_string(v) if isinstance(v, (str, Path)) else v}"
                               for k, v in values.items())
             supernode(site, home / "certs" / "sites" / site / "auth.key",
@@ -403,6 +409,9 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         for site, budget in BUDGETS.items():
             spend = min(budget, RUN_CAPS[site] or TARGET_EPSILON)  # what this run may spend
             assert 0 < summary["epsilon_per_site"][site] <= spend + 1e-9, site
+        assert summary["privacy_unit_per_site"] == {
+            site: {"unit": "patient", "max_records_per_patient": 2} if site == PATIENT_SITE
+            else {"unit": "record"} for site in BUDGETS}
         assert summary["secure_aggregation"]["rounds"] == {"1": True, "2": True}
         assert summary["audit"]["verified"] is True
         assert 0.0 <= summary["test"]["accuracy"] <= 1.0
@@ -438,7 +447,10 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
             # the hospital's own ClientApp log says what it released, line by line
             released = [line for line in log.splitlines()
                         if f"fedcare site {site}: release " in line]
-            assert all("ε spent" in line for line in released)
+            unit = "patient k=2" if site == PATIENT_SITE else "record"
+            assert all(f"unit={unit} " in line and f"ε per {unit.split()[0]} spent" in line
+                       for line in released), released
+            assert {e.get("privacy_unit") for e in entries[1:]} == {unit.split()[0]}
             assert {line.rsplit("ledger seq ", 1)[1][0] for line in released} == {"1", "2", "3"}
             assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == ledger.read_text()
 

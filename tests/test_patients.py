@@ -28,7 +28,7 @@ from common.patients import rows_by_patient, synthetic_patients
 from common.privacy import accounting
 from common.privacy.ledger import LEDGER_FILE
 from common.privacy.verify import verify_path
-from tests.conftest import CUES, LABELS, WORDS, tiny_config
+from tests.conftest import LABELS, tiny_config, write_patient_records
 
 DEVICE = torch.device("cpu")
 
@@ -119,25 +119,6 @@ def test_the_sampling_rate_is_over_patients_and_an_empty_batch_is_a_noise_only_s
     assert stats.empty_batches == 3 and stats.examples == 0
     assert accountant.history == [(1.0, 1e-9, 3)]
     assert any(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
-
-
-def write_patient_records(path: Path, patients: int, seed: int, prefix: str = "p",
-                          blank_at: int | None = None) -> Path:
-    """CSV (note, diagnosis, patient): each patient 1-12 notes, mostly of one label."""
-    rng = random.Random(seed)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["note", "diagnosis", "patient"])
-        line = 1
-        for p in range(patients):
-            own = rng.choice(LABELS)
-            for _ in range(rng.randint(1, 12)):
-                label = own if rng.random() < 0.8 else rng.choice(LABELS)
-                words = [rng.choice(CUES[label]) for _ in range(2)] + rng.sample(WORDS, 2)
-                line += 1
-                writer.writerow([" ".join(words), label,
-                                 "" if line == blank_at else f"{prefix}{p}"])
-    return path
 
 
 @pytest.fixture()
@@ -351,3 +332,11 @@ def test_site_status_and_the_report_say_whom_epsilon_protects(tmp_path):
     facts = report_data(verify_path(patient / LEDGER_FILE))
     assert facts["sites"][0]["datasets"][0]["unit"] == "patient"
     assert facts["sites"][0]["datasets"][0]["patient_reading"] == []
+
+
+def test_the_release_registry_states_the_unit_cost_of_every_private_release():
+    from client.releases import DP_COUNT, DP_SGD, RELEASES, UNITS
+
+    private = {name for name, keys in RELEASES.items()
+               if set(keys.values()) & {DP_SGD, DP_COUNT}}
+    assert private == set(UNITS)
