@@ -340,3 +340,26 @@ def test_the_release_registry_states_the_unit_cost_of_every_private_release():
     private = {name for name, keys in RELEASES.items()
                if set(keys.values()) & {DP_SGD, DP_COUNT}}
     assert private == set(UNITS)
+
+
+def test_the_run_config_cannot_change_a_hospitals_unit(tiny_model, patient_files, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.site import site_from_context
+
+    def hospital(cfg, **node):
+        node = {"site": "site-a", "data-file": str(patient_files["sites"][0]),
+                "text-column": "note", "label-column": "diagnosis",
+                "state-dir": str(tmp_path / "a"), "epsilon-budget": 3.0, "delta": 1e-6,
+                "require-approved-app": False, **node}
+        return site_from_context(cfg, Context(run_id=1, node_id=7, node_config=node,
+                                              state=RecordDict(),
+                                              run_config=cfg.to_run_config()))
+
+    asks_patients = _patient_config(tiny_model, patient_files)
+    assert hospital(asks_patients).policy.unit == "record"  # no column: the site's call
+    asks_records = tiny_config(tiny_model, patient_files, site={"privacy_unit": "record"})
+    site = hospital(asks_records, **{"patient-column": "patient",
+                                     "max-records-per-patient": 3})
+    assert (site.policy.unit, site.policy.max_records_per_patient) == ("patient", 3)
+    assert len(set(site.data.train.patients)) < len(site.data.train)
