@@ -29,6 +29,8 @@ def main(model_dir: str, site_file: str, test_file: str, state_dir: str, out_dir
     while True:
         round_no += 1
         result = SiteTrainer(cfg, site).fit(round_no, 1000, "crash-run")
+        if result["metrics"]["refused"]:  # e.g. "repeat": killed after its entry, before
+            continue                      # its "send"; a refusal sends no update
         with open(out / "released.txt", "a") as handle:  # the update leaves the site
             handle.write(update_digest(result["arrays"]) + "\n")
             handle.flush()

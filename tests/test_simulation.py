@@ -62,7 +62,8 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
     train = [r for r in rows if r["phase"] == "train"]
     # what the server recorded is what the sites declared, plus its own bookkeeping
     server_side = {"round", "phase", "wall_seconds", "private", "status", "num_examples",
-                   "epsilon_budget", "epsilon_left", "epsilon_before_run"}  # from the ledger
+                   "epsilon_budget", "epsilon_left", "epsilon_before_run",
+                   "privacy_unit", "max_records_per_patient"}  # from the ledger
     assert {k for r in train for k in r} - server_side <= set(RELEASES["fitres.metrics"])
     assert {(r["round"], r["site"]) for r in train} == {(1, "site0"), (1, "site1"),
                                                         (2, "site0"), (2, "site1")}
