@@ -34,6 +34,7 @@ from server.strategy import SiteAwareStrategy
 
 
 ERROR_FILE = "error.txt"
+SITES_ANSWERED = "; what the sites answered: "  # the server's view of the sites, in its error
 
 
 class FitWorkflow:
@@ -165,8 +166,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
               "rounds_skipped": {str(r): why for r, why in skipped.items()}}
     if strategy.steps == 0:  # an untrained adapter must not pass for this run's result
         recorder.summary(final, rounds, {f"node-{n}": name for n, name in strategy.names.items()})
-        raise RuntimeError("no round aggregated any update, so no adapter is saved; what "
-                           f"the sites answered: {recorder.site_problems(3) or 'nothing'} "
+        raise RuntimeError("no round aggregated any update, so no adapter is saved"
+                           f"{SITES_ANSWERED}{recorder.site_problems(3) or 'nothing'} "
                            "(metrics.jsonl)")
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model,
