@@ -17,7 +17,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from common.config import Config, FederationConfig, from_run_config
+from common.config import Config, FederationConfig, check_aggregation, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
 from common.message_keys import Keys
@@ -81,6 +81,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
     """Run the rounds into `run_dir`; with `resume`, go on after the round its
     checkpoint holds (the same run: same directory, same run id). `observe`: see
     SiteAwareStrategy.observe (an empirical audit's view of the updates)."""
+    check_aggregation(cfg)  # a deployed run's config reaches no other check of it
     saved = None  # a run stopped before its first checkpoint resumes from round 1
     if resume and (run_dir / checkpoint.CHECKPOINT_FILE).exists():
         saved = checkpoint.load(run_dir)
