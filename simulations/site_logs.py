@@ -27,6 +27,9 @@ ERROR = re.compile(r"^error ([0-9a-f]+) \(([a-z-]+)\): (.*)$")
 NODE = re.compile(r"^node (\d+)$")
 REFUSAL = re.compile(r"release refusal run=(\S+) round=(\d+) .*?refused: (.*); ε spent ")
 REFERENCE = re.compile(r"reference ([0-9a-f]+)")
+# how a site words a refusal in its ledger (client/site.py): a round's training, or not
+# evaluating (personalising) it; the reason follows, the same from round to round
+PREFIX = re.compile(r"^\S+ (refuses|does not \w+) round \d+: (.*)$")
 MAX_CAUSES = 3  # per site line; the rest are in the site's log
 
 
@@ -105,8 +108,11 @@ def _cause(row: dict, log: SiteLog | None, run_id: str) -> str:
         code, message = log.errors[ref.group(1)]
         return f"{code}: {message}"
     if row.get("refused"):
-        reasons = log.refusals.get((run_id, int(row.get("round", 0))), []) if log else []
-        return f"{row['refused']}: " + ("; ".join(dict.fromkeys(reasons)) or
+        found = log.refusals.get((run_id, int(row.get("round", 0))), []) if log else []
+        said = [PREFIX.match(r) for r in found]  # "<site> refuses round 2: <reason>"
+        ours = [m.group(2) for m in said if m and (m.group(1) == "refuses") ==
+                (row.get("phase") == "train")] or found
+        return f"{row['refused']}: " + ("; ".join(dict.fromkeys(ours)) or
                                         f"refused {when} (its log holds no reason)")
     if "no answer within" in status:
         last = f"; the last line it logged: {log.last}" if log and log.last else ""
