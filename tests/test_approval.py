@@ -138,6 +138,48 @@ def test_approve_list_and_revoke_are_signed_ledger_entries(tmp_path, capsys):
     assert verify_path(state / LEDGER_FILE).ok  # chained and signed by the site key
 
 
+def test_a_first_approval_takes_the_node_configs_site_or_is_refused_by_name(tmp_path, capsys):
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    node = tmp_path / "node-config.toml"
+    node.write_text(f'site = "site-a"\nstate-dir = "{state}"\ndata-file = "notes.csv"\n'
+                    'epsilon-budget = 8.0\ndelta = 1e-5\n')
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--site", "site-A",
+                     "--node-config", str(node), "--reason", "typo")
+    assert rc == 1 and "--site 'site-A' is not the site 'site-a'" in err
+    assert not (state / LEDGER_FILE).exists()  # nothing written under the wrong name
+    rc, _, err = cli(capsys, "approve", str(tmp_path / "elsewhere"), str(app),
+                     "--node-config", str(node), "--reason", "x")
+    assert rc == 1 and f"keeps the site's state in {state}" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("site = \n")
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--node-config", str(broken),
+                     "--reason", "x")
+    assert rc == 1 and f"{broken}: not TOML" in err
+    rc, out, _ = cli(capsys, "approve", str(state), str(app), "--node-config", str(node),
+                     "--reason", "reviewed")
+    assert rc == 0 and "for site site-a" in out
+    assert [e["site"] for e in read_entries(state / LEDGER_FILE)] == ["site-a"]
+
+
+def test_a_node_whose_approvals_name_another_site_refuses_by_name(
+        tiny_model, site_files, tmp_path, capsys, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    assert cli(capsys, "approve", str(state), str(app), "--site", "site-A",  # a typo
+               "--reason", "reviewed")[0] == 0
+    node = {"site": "site-a", "data-file": str(site_files["sites"][0]),
+            "state-dir": str(state), "epsilon-budget": 8.0, "delta": 1e-5,
+            "text-column": "note", "label-column": "diagnosis"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    monkeypatch.setenv(APPROVED_APP_ENV, bundle_sha256(app))
+    monkeypatch.setenv(APPROVALS_LEDGER_ENV, str(state / LEDGER_FILE))
+    with pytest.raises(AppNotApproved, match="belong to site 'site-A', but this node config "
+                                             "names site 'site-a'"):
+        site_from_context(tiny_config(tiny_model, site_files), context)
+
+
 def test_approvals_spend_nothing_and_budgets_skip_them(tmp_path):
     state = tmp_path / "state"
     ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
