@@ -222,6 +222,40 @@ def test_verify_reports_releases_under_an_app_not_approved_at_the_time(tmp_path)
     assert [(a.seq, a.approved) for a in report.sites[0].approvals] == [(1, True), (5, False)]
 
 
+def test_a_site_that_never_approved_an_app_is_called_unapproved_by_every_reader(
+        tmp_path, capsys):
+    from common.privacy.report import write_report
+
+    state = tmp_path / "state"  # require-approved-app = false: releases naming no app
+    ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
+    ledger.append(release(ledger.entries(), None))
+    ledger.append(release(ledger.entries(), None))
+    words = "UNAPPROVED: its ledger holds no app approval"
+    assert verify_path(state / LEDGER_FILE).sites[0].app_approval.startswith(words)
+    rc, out, _ = cli(capsys, "status", str(state))
+    assert f"apps: {words}" in out and "require-approved-app = false" in out
+    assert main(["audit", "verify", str(state / LEDGER_FILE)]) in (0, 1)
+    assert f"apps: {words}" in capsys.readouterr().out
+    data = write_report(state / LEDGER_FILE, tmp_path / "r.html", tmp_path / "r.json")
+    assert data["sites"][0]["app_approval"].startswith(words)
+    assert f'<p class="warn">Apps: {words}' in (tmp_path / "r.html").read_text()
+
+    approved = tmp_path / "approved"  # the same, once an app is approved: said so
+    ledger = Ledger(approved / LEDGER_FILE, load_or_create_site_key(approved))
+    ledger.append({"kind": "approval", "site": "site-a", "app_sha256": "11" * 32,
+                   "approved": True, "by": "dpo", "reason": "r", "software": {}})
+    ledger.append(release(ledger.entries(), "11" * 32))
+    assert verify_path(approved / LEDGER_FILE).sites[0].app_approval == (
+        "approved apps only: 1 approval entry in its ledger, every release checked "
+        "against them")
+    refused = tmp_path / "refused"  # a site that only ever refused released nothing
+    Ledger(refused / LEDGER_FILE, load_or_create_site_key(refused)).append(
+        {**release([], None, kind="refusal"), "reason": "over budget", "epsilon": 0.0,
+         "noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0})
+    assert verify_path(refused / LEDGER_FILE).sites[0].app_approval == (
+        "no app approved, and nothing released")
+
+
 # -- the site ----------------------------------------------------------------------------
 def test_a_hospital_site_without_an_approved_app_refuses_before_reading_its_data(
         tiny_model, site_files, tmp_path):
