@@ -1,6 +1,7 @@
 """A hospital runs only the app it approved: `fedcare site approve|revoke|approvals|clientapp`.
 
     fedcare site approve STATE_DIR APP_DIR_OR_FAB --reason TEXT [--by NAME] [--site NAME]
+                         [--node-config FILE]
     fedcare site revoke STATE_DIR HASH_OR_APP --reason TEXT [--by NAME]
     fedcare site approvals STATE_DIR
     fedcare site clientapp STATE_DIR [--runtime-api 127.0.0.1:9094]
@@ -24,8 +25,10 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+from common.config import ConfigError, from_node_config
 from common.privacy.approvals import (
     BundleError, approval_fields, approved_apps, bundle_sha256, check_hash,
 )
@@ -54,6 +57,10 @@ def register(site_commands: argparse._SubParsersAction) -> None:
     _who(approve, "why this app may run on the site's records (e.g. the release reviewed)")
     approve.add_argument("--site", help="the site's name; only for a ledger with no "
                                         "entries yet (otherwise it is the ledger's)")
+    approve.add_argument("--node-config", type=Path, metavar="FILE",
+                         help="the SuperNode's node config (TOML): the site is its `site`, "
+                              "and STATE_DIR must be its `state-dir`; a --site or a ledger "
+                              "naming another site is refused")
     approve.set_defaults(func=cmd_approve)
     revoke = site_commands.add_parser("revoke", help="withdraw an approval (signed)")
     revoke.add_argument("state_dir", type=Path, help="the site's state folder")
@@ -124,13 +131,38 @@ def _append(args, app: str, approved: bool, site: str | None = None) -> int:
     return 0
 
 
+def _site_named(args) -> str | None:
+    """The site an approval is for: --site, checked against the node config's `site`
+    and `state-dir` when --node-config is given (an approval under another name would
+    sit in a ledger the site's node never accepts as its own)."""
+    if args.node_config is None:
+        return args.site
+    try:
+        with open(args.node_config, "rb") as handle:
+            node = from_node_config(tomllib.load(handle))
+    except OSError as exc:
+        raise ConfigError(f"{args.node_config}: cannot read the node config ({exc.strerror})") \
+            from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{args.node_config}: not TOML ({exc})") from None
+    if not node.site:
+        raise ConfigError(f"{args.node_config} names no `site`; add site = \"NAME\"")
+    if args.site and args.site != node.site:
+        raise ConfigError(f"--site {args.site!r} is not the site {node.site!r} that "
+                          f"{args.node_config} names; give its name, or leave --site out")
+    if node.state_dir and Path(node.state_dir).resolve() != args.state_dir.resolve():
+        raise ConfigError(f"{args.node_config} keeps the site's state in {node.state_dir}, "
+                          f"not {args.state_dir}: approve in the node config's state-dir")
+    return node.site
+
+
 def cmd_approve(args) -> int:
     try:
         app = bundle_sha256(args.app)
         if args.app.is_dir():
             print(f"built {args.app} as `flwr run` would submit it")
-        return _append(args, app, True, args.site)
-    except (BundleError, LedgerError, KeyFileError) as exc:
+        return _append(args, app, True, _site_named(args))
+    except (BundleError, LedgerError, KeyFileError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -26,7 +26,7 @@ from common.data import (
 )
 from common.names import check_name
 from common.privacy.approvals import APPROVALS_LEDGER_ENV, APPROVED_APP_ENV, AppNotApproved
-from common.privacy.ledger import LEDGER_FILE
+from common.privacy.ledger import LEDGER_FILE, parse_ledger_bytes
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,13 @@ def _approved_app(node: NodeConfig) -> str:
         raise AppNotApproved(
             f"`fedcare site clientapp` read its approvals from {approvals}, but this site "
             f"keeps its ledger at {ledger}: give it the node config's state-dir")
+    names = sorted({str(e.get("site")) for _, e in parse_ledger_bytes(ledger.read_bytes())[0]}
+                   - {node.site}) if ledger.is_file() else []
+    if names:
+        raise AppNotApproved(
+            f"the approvals in {ledger} belong to site {names[0]!r}, but this node config names "
+            f"site {node.site!r}: approve again in a fresh state-dir with "
+            f"`fedcare site approve ... --node-config FILE`, or correct the node config's site")
     return app
 
 

@@ -128,6 +128,7 @@ class ContainErrors:
 
     def __call__(self, msg, context, call_next):
         try:
+            _note_node(self.where(context), context.node_id)
             return call_next(msg, context)
         except Exception as err:  # noqa: BLE001 - every failure is contained the same way
             ref, code = secrets.token_hex(4), error_code(err)
@@ -137,6 +138,24 @@ class ContainErrors:
             raise SiteFailure(f"site failure '{code}'; the site's own log (site.log in its "
                               f"state folder) holds the details under reference "
                               f"{ref}") from None
+
+
+def _note_node(path, node_id) -> None:
+    """'node <id>' in the site's log, unless its last lines say it already: the server
+    names a site that never answered by its Flower node id, and this line lets the
+    site's owner tell which site that was."""
+    if path is None:
+        return
+    line = f"node {node_id}\n"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 8192))
+            if b"\n" + line.encode() in b"\n" + handle.read():
+                return
+    except OSError:
+        pass  # no log yet
+    _append(path, line)
 
 
 def _append(path, text: str) -> None:

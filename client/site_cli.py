@@ -118,6 +118,7 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
     site = report.sites[0]
     say = lambda line="": print(line, file=out)  # noqa: E731
     say(f"site {site.site}: ledger {ledger}, {len(site.entries)} entries")
+    say(f"apps: {site.app_approval}")
     for d in dataset_summaries(site.entries):
         say()
         say(f"dataset {d['dataset']}: budget ε={format_epsilon(d['budget'])}, spent "

@@ -17,7 +17,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from common.config import Config, FederationConfig, from_run_config
+from common.config import Config, FederationConfig, check_aggregation, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
 from common.message_keys import Keys
@@ -34,6 +34,7 @@ from server.strategy import SiteAwareStrategy
 
 
 ERROR_FILE = "error.txt"
+SITES_ANSWERED = "; what the sites answered: "  # the server's view of the sites, in its error
 
 
 class FitWorkflow:
@@ -80,6 +81,7 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
     """Run the rounds into `run_dir`; with `resume`, go on after the round its
     checkpoint holds (the same run: same directory, same run id). `observe`: see
     SiteAwareStrategy.observe (an empirical audit's view of the updates)."""
+    check_aggregation(cfg)  # a deployed run's config reaches no other check of it
     saved = None  # a run stopped before its first checkpoint resumes from round 1
     if resume and (run_dir / checkpoint.CHECKPOINT_FILE).exists():
         saved = checkpoint.load(run_dir)
@@ -165,8 +167,8 @@ def run_server(grid: Grid, context: Context, cfg: Config, run_dir: Path,
               "rounds_skipped": {str(r): why for r, why in skipped.items()}}
     if strategy.steps == 0:  # an untrained adapter must not pass for this run's result
         recorder.summary(final, rounds, {f"node-{n}": name for n, name in strategy.names.items()})
-        raise RuntimeError("no round aggregated any update, so no adapter is saved; what "
-                           f"the sites answered: {recorder.site_problems(3) or 'nothing'} "
+        raise RuntimeError("no round aggregated any update, so no adapter is saved"
+                           f"{SITES_ANSWERED}{recorder.site_problems(3) or 'nothing'} "
                            "(metrics.jsonl)")
     set_adapter_arrays(model, legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
     save_adapter(model, run_dir / "adapter", test.label_names, cfg.model.base_model,

@@ -54,6 +54,19 @@ class _RunSimulationNotice(logging.Filter):
                     and "run_simulation" in str(record.args))
 
 
+class _ContainedSiteFailures(logging.Filter):
+    """Drops the simulation engine's report of a site failure that the site contained
+    (a code and a reference, with Ray's traceback around it: dozens of lines per
+    site and round); `simulate` names each failed site and its cause after the run,
+    from the site's own log. Other failures keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (record.levelno >= logging.ERROR and (
+            "site failure '" in text
+            or text.startswith("An exception was raised when processing a message")))
+
+
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
              client_mods=(), resume: bool = False, observe=None) -> Path:
     """Run the federation described by `cfg`; returns the run directory.
@@ -67,7 +80,8 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     from flwr.simulation import run_simulation
 
     from client.app import build_app as build_client_app
-    from server.app import ERROR_FILE, build_app as build_server_app, run_dir_for
+    from server.app import ERROR_FILE, SITES_ANSWERED, build_app as build_server_app, run_dir_for
+    from simulations.site_logs import explain
 
     check_simulation(cfg)
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "sim")
@@ -82,24 +96,39 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     resources = {"num_cpus": sim.cpus_per_site, "num_gpus": 0.0}
     if cfg.train.device != "cpu" and torch.cuda.is_available():
         resources["num_gpus"] = 1.0 / sim.num_sites  # sites share the GPU
+    flower, contained = logging.getLogger("flwr"), _ContainedSiteFailures()
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=build_server_app(cfg, run_dir, resume=resume, observe=observe),
-        client_app=build_client_app(cfg, client_mods),
-        num_supernodes=sim.num_sites,
-        backend_config={
-            "client_resources": resources,
-            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(sim.cpus_per_site)),
-                          "include_dashboard": False, "logging_level": "error",
-                          "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
+        flower.setLevel(logging.WARNING)
+        flower.addFilter(contained)  # the sites' own logs say why, after the run
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg, run_dir, resume=resume, observe=observe),
+            client_app=build_client_app(cfg, client_mods),
+            num_supernodes=sim.num_sites,
+            backend_config={
+                "client_resources": resources,
+                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(sim.cpus_per_site)),
+                              "include_dashboard": False, "logging_level": "error",
+                              "log_to_driver": verbose},
+            },
+            verbose_logging=verbose,
+        )
+    except Exception:  # noqa: BLE001 - the ServerApp's own error; its reason is in ERROR_FILE
+        if not (run_dir / ERROR_FILE).is_file():
+            raise
+    finally:
+        flower.removeFilter(contained)
     error, summary = run_dir / ERROR_FILE, run_dir / "summary.json"
+    sites = explain(run_dir, Path(cfg.site.state_dir))  # the researcher owns every site's log
     if error.is_file() or not summary.is_file():
         why = error.read_text().strip() if error.is_file() else "see the log above"
+        if sites:  # the sites by name, with their causes, instead of the server's view
+            why = why.split(SITES_ANSWERED)[0] + "; what each site's own log says:\n" + \
+                "\n".join(f"  {line}" for line in sites)
         raise RuntimeError(f"the run in {run_dir} failed: {why}")
+    if sites:
+        print("sites that sent nothing usable in some round, as their own logs say:\n"
+              + "\n".join(f"  {line}" for line in sites), flush=True)
     if json.loads(summary.read_text()).get("run_id") != run_dir.name:
         raise RuntimeError(f"{summary} is not this run's summary")
     return run_dir

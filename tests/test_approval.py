@@ -138,6 +138,48 @@ def test_approve_list_and_revoke_are_signed_ledger_entries(tmp_path, capsys):
     assert verify_path(state / LEDGER_FILE).ok  # chained and signed by the site key
 
 
+def test_a_first_approval_takes_the_node_configs_site_or_is_refused_by_name(tmp_path, capsys):
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    node = tmp_path / "node-config.toml"
+    node.write_text(f'site = "site-a"\nstate-dir = "{state}"\ndata-file = "notes.csv"\n'
+                    'epsilon-budget = 8.0\ndelta = 1e-5\n')
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--site", "site-A",
+                     "--node-config", str(node), "--reason", "typo")
+    assert rc == 1 and "--site 'site-A' is not the site 'site-a'" in err
+    assert not (state / LEDGER_FILE).exists()  # nothing written under the wrong name
+    rc, _, err = cli(capsys, "approve", str(tmp_path / "elsewhere"), str(app),
+                     "--node-config", str(node), "--reason", "x")
+    assert rc == 1 and f"keeps the site's state in {state}" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("site = \n")
+    rc, _, err = cli(capsys, "approve", str(state), str(app), "--node-config", str(broken),
+                     "--reason", "x")
+    assert rc == 1 and f"{broken}: not TOML" in err
+    rc, out, _ = cli(capsys, "approve", str(state), str(app), "--node-config", str(node),
+                     "--reason", "reviewed")
+    assert rc == 0 and "for site site-a" in out
+    assert [e["site"] for e in read_entries(state / LEDGER_FILE)] == ["site-a"]
+
+
+def test_a_node_whose_approvals_name_another_site_refuses_by_name(
+        tiny_model, site_files, tmp_path, capsys, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    app, state = write_app(tmp_path / "app"), tmp_path / "state"
+    assert cli(capsys, "approve", str(state), str(app), "--site", "site-A",  # a typo
+               "--reason", "reviewed")[0] == 0
+    node = {"site": "site-a", "data-file": str(site_files["sites"][0]),
+            "state-dir": str(state), "epsilon-budget": 8.0, "delta": 1e-5,
+            "text-column": "note", "label-column": "diagnosis"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    monkeypatch.setenv(APPROVED_APP_ENV, bundle_sha256(app))
+    monkeypatch.setenv(APPROVALS_LEDGER_ENV, str(state / LEDGER_FILE))
+    with pytest.raises(AppNotApproved, match="belong to site 'site-A', but this node config "
+                                             "names site 'site-a'"):
+        site_from_context(tiny_config(tiny_model, site_files), context)
+
+
 def test_approvals_spend_nothing_and_budgets_skip_them(tmp_path):
     state = tmp_path / "state"
     ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
@@ -178,6 +220,40 @@ def test_verify_reports_releases_under_an_app_not_approved_at_the_time(tmp_path)
     assert set(flagged) == {3, 4, 6}
     assert other in flagged[3] and "names no app" in flagged[4] and good in flagged[6]
     assert [(a.seq, a.approved) for a in report.sites[0].approvals] == [(1, True), (5, False)]
+
+
+def test_a_site_that_never_approved_an_app_is_called_unapproved_by_every_reader(
+        tmp_path, capsys):
+    from common.privacy.report import write_report
+
+    state = tmp_path / "state"  # require-approved-app = false: releases naming no app
+    ledger = Ledger(state / LEDGER_FILE, load_or_create_site_key(state))
+    ledger.append(release(ledger.entries(), None))
+    ledger.append(release(ledger.entries(), None))
+    words = "UNAPPROVED: its ledger holds no app approval"
+    assert verify_path(state / LEDGER_FILE).sites[0].app_approval.startswith(words)
+    rc, out, _ = cli(capsys, "status", str(state))
+    assert f"apps: {words}" in out and "require-approved-app = false" in out
+    assert main(["audit", "verify", str(state / LEDGER_FILE)]) in (0, 1)
+    assert f"apps: {words}" in capsys.readouterr().out
+    data = write_report(state / LEDGER_FILE, tmp_path / "r.html", tmp_path / "r.json")
+    assert data["sites"][0]["app_approval"].startswith(words)
+    assert f'<p class="warn">Apps: {words}' in (tmp_path / "r.html").read_text()
+
+    approved = tmp_path / "approved"  # the same, once an app is approved: said so
+    ledger = Ledger(approved / LEDGER_FILE, load_or_create_site_key(approved))
+    ledger.append({"kind": "approval", "site": "site-a", "app_sha256": "11" * 32,
+                   "approved": True, "by": "dpo", "reason": "r", "software": {}})
+    ledger.append(release(ledger.entries(), "11" * 32))
+    assert verify_path(approved / LEDGER_FILE).sites[0].app_approval == (
+        "approved apps only: 1 approval entry in its ledger, every release checked "
+        "against them")
+    refused = tmp_path / "refused"  # a site that only ever refused released nothing
+    Ledger(refused / LEDGER_FILE, load_or_create_site_key(refused)).append(
+        {**release([], None, kind="refusal"), "reason": "over budget", "epsilon": 0.0,
+         "noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0})
+    assert verify_path(refused / LEDGER_FILE).sites[0].app_approval == (
+        "no app approved, and nothing released")
 
 
 # -- the site ----------------------------------------------------------------------------

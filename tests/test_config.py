@@ -97,3 +97,45 @@ def test_every_shipped_private_config_has_a_delta_its_sites_accept(path):
     sites, _ = federated_data(cfg.data, cfg.simulation.num_sites, cfg.site.min_val_records)
     for site in sites:
         Policy(8.0, cfg.privacy.delta).check_delta(len(site.train))
+
+
+def test_the_trimmed_mean_is_refused_with_private_sites_naming_the_rule_to_use():
+    from common.config import check_aggregation, check_simulation
+
+    rule = {"aggregation": "trimmed_mean", "secure_aggregation": "off"}
+    private = from_mapping({"federation": rule, "simulation": {"num_sites": 5}})
+    for check in (check_simulation, check_aggregation):  # a simulation's door, the server's
+        with pytest.raises(ConfigError, match=r"federation\.aggregation 'trimmed_mean' does "
+                                              r"not hold with privacy\.enabled.*Use aggregation "
+                                              r"'krum'"):
+            check(private)
+    plain = from_mapping({"federation": rule, "privacy": {"enabled": False},
+                          "simulation": {"num_sites": 5}})
+    assert check_simulation(plain).federation.aggregation == "trimmed_mean"
+
+
+@pytest.mark.parametrize("sites, share, min_sites, why", [
+    (4, 0.2, 2, r"no faulty site among the 4 sites .* average them all"),
+    (5, 0.4, 2, r"f = 2 faulty of the 5 sites .* more than 2f \+ 2 = 6"),
+    (3, 0.34, 2, r"f = 1 faulty of the 3 sites .* more than 2f \+ 2 = 4"),
+])
+def test_krum_with_too_few_simulated_sites_for_its_faulty_share_is_refused(
+        sites, share, min_sites, why):
+    from common.config import check_simulation
+
+    cfg = from_mapping({"federation": {"aggregation": "krum", "secure_aggregation": "off",
+                                       "faulty_share": share, "min_sites": min_sites},
+                        "simulation": {"num_sites": sites}})
+    with pytest.raises(ConfigError, match=r"federation\.aggregation 'krum' with simulation"
+                                          rf"\.num_sites {sites} assumes " + why):
+        check_simulation(cfg)
+
+
+def test_krum_with_enough_sites_for_its_faulty_share_passes():
+    from common.config import check_simulation
+
+    for sites, share in ((5, 0.2), (10, 0.3), (6, 0.2)):
+        cfg = from_mapping({"federation": {"aggregation": "krum", "secure_aggregation": "off",
+                                           "faulty_share": share},
+                            "simulation": {"num_sites": sites}})
+        assert check_simulation(cfg) is cfg

@@ -37,7 +37,7 @@ class Faults:
 
 
 def test_crashes_hangs_and_refusals_in_one_run_cost_only_the_rounds_they_must(
-        tiny_model, tmp_path):
+        tiny_model, tmp_path, capsys):
     files = {"sites": [write_records(tmp_path / f"site{i}.csv", 48, seed=i,
                                      skew=LABELS[i % len(LABELS)]) for i in range(10)],
              "test": write_records(tmp_path / "test.csv", 40, seed=99)}
@@ -72,3 +72,18 @@ def test_crashes_hangs_and_refusals_in_one_run_cost_only_the_rounds_they_must(
     assert all(s.startswith("failed: site failure 'site-error'") for s in crashed)
     assert "injected crash" not in json.dumps(summary)  # the site's details stay at the site
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+
+    # the run ends with one line per such site, by name, with what its own log says
+    out = capsys.readouterr().out
+    said = out[out.index("as their own logs say:"):].splitlines()[1:5]
+    said = {line.strip().split(": ", 1)[0]: line.strip().split(": ", 1)[1] for line in said}
+    assert set(said) == {"site0", "site1", "site2", "site9"}
+    assert said["site0"].startswith("site-error: injected crash of site0 in round 1 (round 1 "
+                                    "train); site-error: injected crash of site0 in round 2")
+    assert said["site2"] == "site-error: injected crash of site2 in round 3 (round 3 train)"
+    assert said["site1"].startswith("timeout: no answer within federation.round_timeout "
+                                    "(20s) in round 2 train; the last line it logged: ")
+    # the same reason every round, once, with the rounds it held for
+    assert said["site9"].startswith("budget: a size release would bring ε to ")
+    assert "above the site's budget of 0.05 (round 1 train, round 2 train, round 3 train)" \
+        in said["site9"]

@@ -9,7 +9,7 @@ import pytest
 
 from common.privacy.verify import verify_path
 from simulations.run import simulate
-from tests.conftest import LABELS, tiny_config
+from tests.conftest import LABELS, tiny_config, write_records
 
 pytestmark = pytest.mark.slow
 
@@ -127,18 +127,33 @@ def test_personalised_sites_report_both_models_and_pay_from_the_same_budget(
     assert verify_path(run).ok
 
 
-def test_a_run_no_site_could_join_fails_and_says_why_and_its_name_is_not_reused(
-        tiny_model, site_files, tmp_path):
-    # every site refuses a validation split of one record: no round aggregates anything
-    cfg = tiny_config(tiny_model, site_files, data={"val_fraction": 1e-6},
-                      federation={"num_rounds": 1})
+def test_a_run_no_site_could_join_names_each_site_and_its_cause_and_its_name_is_not_reused(
+        tiny_model, tmp_path):
+    # three sites, each with one record whose label is not in data.labels
+    files = {"sites": [write_records(tmp_path / f"site{i}.csv", 40, seed=i) for i in range(3)],
+             "test": write_records(tmp_path / "test.csv", 40, seed=99)}
+    for i, path in enumerate(files["sites"]):
+        lines = path.read_text().splitlines()
+        lines[3 + i] = lines[3 + i].rsplit(",", 1)[0] + f",xray{i}"  # file line 4 + i
+        path.write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(tiny_model, files, federation={"num_rounds": 1},
+                      simulation={"num_sites": 3, "cpus_per_site": 1})
     with pytest.raises(RuntimeError, match="no round aggregated any update") as failure:
         simulate(cfg, tmp_path / "run")
-    assert "site failure 'data'" in str(failure.value)  # a code, not the site's records
+    lines = str(failure.value).splitlines()
+    assert lines[0].endswith("what each site's own log says:")
+    # one line per site, by name, with the file, the line and what was wrong, and no
+    # Flower node ids (the server's view of sites that never answered)
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["site0", "site1", "site2"]
+    for i, line in enumerate(lines[1:]):
+        assert f"data: {files['sites'][i]}:{4 + i}: unknown label 'xray{i}'" in line
+    assert "node-" not in str(failure.value)
     assert not (tmp_path / "run" / "adapter").exists()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds_aggregated"] == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_aggregated"] == 0
+    assert "xray" not in json.dumps(summary)  # the server kept only codes and references
     with pytest.raises(RuntimeError, match="already holds a run"):
-        simulate(tiny_config(tiny_model, site_files), tmp_path / "run")
+        simulate(cfg, tmp_path / "run")
 
 
 def test_flowers_run_simulation_notice_is_kept_out_of_the_output_and_nothing_else_is():

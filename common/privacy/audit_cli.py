@@ -71,9 +71,8 @@ def run_verify(args: argparse.Namespace) -> int:
                           for d in dataset_summaries(site.entries)) or "no ε"
         unpinned = ("; KEYS UNPINNED: signatures checked only against the key sent with the "
                     "ledger, pass --trusted-keys to pin them") if not site.keys_pinned else ""
-        apps = f", {len(site.approvals)} app approval entries" if site.approvals else ""
-        print(f"{site.site}: {site.status}, {len(site.entries)} entries{apps}, "
-              f"{len(site.problems)} problem(s), {spent}{unpinned}")
+        print(f"{site.site}: {site.status}, {len(site.entries)} entries, "
+              f"{len(site.problems)} problem(s), {spent}{unpinned}; apps: {site.app_approval}")
     return 0 if report.ok else 1
 
 

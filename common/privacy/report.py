@@ -112,7 +112,8 @@ def _site_data(site: SiteResult, notes_per_patient: int | None = None) -> dict:
             "datasets": [_with_reading(d, notes_per_patient)
                          for d in dataset_summaries(site.entries)],
             "problems": [{"seq": p.seq, "message": p.message} for p in site.problems],
-            "entries": entries, "approvals": [dataclasses.asdict(a) for a in site.approvals]}
+            "entries": entries, "approvals": [dataclasses.asdict(a) for a in site.approvals],
+            "app_approval": site.app_approval}
 
 
 def render_html(data: dict) -> str:
@@ -173,6 +174,9 @@ def _site_html(site: dict) -> str:
            f"budget ε = {e(budgets)}.</p>",
            "<p>Key fingerprints: " + ", ".join(f"<code>{e(f)}</code>"
                                                for f in site["key_fingerprints"]) + "</p>"]
+    if site.get("app_approval"):
+        warn = ' class="warn"' if site["app_approval"].startswith("UNAPPROVED") else ""
+        out.append(f"<p{warn}>Apps: {e(site['app_approval'])}.</p>")
     if site.get("approvals"):
         out.append("<p>Apps approved by the site (each release names the app it ran under):"
                    "</p><ul>" + "".join(

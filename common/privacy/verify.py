@@ -138,6 +138,21 @@ class SiteResult:
             return "problems"
         return "verified" if self.keys_pinned else "verified (keys unpinned)"
 
+    @property
+    def app_approval(self) -> str:
+        """Whether the site says which code ran on its records, in words: once it
+        approves apps every release must name one it approved (app_problems); a site
+        that never approved one ran whatever app the operator sent."""
+        if self.approvals:
+            return (f"approved apps only: {len(self.approvals)} approval entr"
+                    f"{'y' if len(self.approvals) == 1 else 'ies'} in its ledger, every "
+                    "release checked against them")
+        if not any(e.kind not in ("refusal", "dataset") for e in self.entries):
+            return "no app approved, and nothing released"
+        return ("UNAPPROVED: its ledger holds no app approval, so its releases were made by "
+                "whatever app the operator sent, unchecked (a node config with "
+                "require-approved-app = false)")
+
 
 @dataclass(frozen=True)
 class VerifyReport:

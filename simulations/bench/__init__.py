@@ -14,7 +14,7 @@ Sections (each a function of a `Bench`, each runnable alone with --only):
     orchestration    share of a round's wall time not spent in the slowest site's training
     scaling          4 -> 16 -> 64 simulated hospitals on Flower's Ray simulation
     personalization  per-site global vs personalised model under strong skew
-    robustness       1 of 5 sites poisoned: the mean vs trimmed mean, median, multi-Krum
+    robustness       1 of 5 sites poisoned: the mean vs the median and multi-Krum
 
 The folder holds results.json (every figure), results.md (the tables, headed by the
 machine) and one PNG + SVG plot per section. docs/benchmarks.md explains how to read them.

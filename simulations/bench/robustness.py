@@ -1,10 +1,11 @@
 """Robustness to one poisoned site: simulations/configs/default.yaml with 5 sites and
 secure aggregation off (a robust rule needs every update in the clear), where site0
 sends the global adapter plus POISON_FACTOR times its own update. The clean test
-metric of the plain mean with and without the attack, of the trimmed mean without it
-(the rule's own cost), and of each robust rule (federation.aggregation) under the
-attack; target: a robust rule under attack trails the mean without attack by at most
-2 macro-F1 points, paired by seed."""
+metric of the plain mean with and without the attack, and of each robust rule
+(federation.aggregation) under the attack; target: a robust rule under attack trails
+the mean without attack by at most 2 macro-F1 points, paired by seed. The trimmed mean
+is not run: with private sites it is refused at config time (it missed the target by
+far, 11.7 points, when it was measured; docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,11 @@ class Setup:
 
 SETUPS = (
     Setup("mean", "mean, no attack", "mean", False),
-    # what the rule itself costs without an attack (unweighted, it drops 2 of 5 values
-    # per coordinate: under label skew and DP noise those carry signal too)
-    Setup("trimmed_mean", "trimmed mean, no attack", "trimmed_mean", False),
     Setup("mean_attacked", "mean, 1 of 5 poisoned", "mean", True),
-    Setup("trimmed_mean_attacked", "trimmed mean, 1 of 5 poisoned", "trimmed_mean", True),
     Setup("median_attacked", "median, 1 of 5 poisoned", "median", True),
     Setup("krum_attacked", "multi-Krum, 1 of 5 poisoned", "krum", True),
 )
-QUICK = ("mean", "mean_attacked", "trimmed_mean_attacked")
+QUICK = ("mean", "mean_attacked", "krum_attacked")
 REFERENCE = "mean"
 
 
