@@ -14,6 +14,12 @@ the way a bug would, from outside the training code: `noise` makes Opacus add no
 noise, `clipping` makes it sum per-example gradients unclipped, while the ledger still
 claims the planned ε. A control claims ε = 1 (the bound one run can show with m = 1000
 canaries tops out near 5.4, so a claim of 8 could never be caught).
+
+Where the sites protect patients, the canaries are patients of `notes` notes each
+(common/privacy/canaries.py), the bound is over canary patients and the claim is ε per
+patient, as the ledgers state it. The `unit` control audits the same canary patients in
+a run whose sites protect records: each note is clipped alone, so a patient moves the
+update by up to `notes`·C, and the record-level claim does not hold for the patient.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from typing import Callable
 import numpy as np
 
 from common.config import Config
-from common.errors import ConfigError
+from common.errors import ConfigError, RunError
 from common.privacy import canaries as canary_set
 from common.privacy.canary_scores import UpdateLog, feature_basis, input_scores
 from common.privacy.one_run import CONFIDENCE, audit, guesses
 
 RESULT_FILE, CANARIES_FILE = "empirical.json", "canaries.json"
 CONTROL_EPSILON = 1.0
+NOTES_PER_PATIENT = 8  # the default size of a canary patient (docs/empirical_audit.md)
 
 
 # -- controls: the mechanism broken in the site's process, as a bug would break it --------
@@ -75,17 +82,37 @@ def _no_clipping(msg, context, call_next):
 
 
 BREAKS = {"noise": _no_noise, "clipping": _no_clipping}
+# unit: the sites protect records while the canaries are patients (no mod: the config)
+CONTROLS = (*BREAKS, "unit")
+SAYS = {"noise": "noise off", "clipping": "clipping off",
+        "unit": "the sites protect records, the canaries are patients"}
+
+
+def canary_notes(cfg: Config, notes: int | None = None) -> int:
+    """How many notes a canary has: `notes`, else NOTES_PER_PATIENT where the sites
+    protect patients and 1 (a record) where they protect records."""
+    if notes is None:
+        return NOTES_PER_PATIENT if cfg.site.privacy_unit == "patient" else 1
+    if notes < 1:
+        raise ConfigError(f"--notes must be at least 1 (got {notes})")
+    return notes
 
 
 def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
         run_dir: Path | None = None, verbose: bool = False,
-        say: Callable[[str], None] = print) -> dict:
-    """Audit `cfg`; returns the result written to <run_dir>/audit/empirical.json."""
+        say: Callable[[str], None] = print, notes: int | None = None) -> dict:
+    """Audit `cfg` with m canaries of each kind, each of `notes` notes (canary_notes);
+    returns the result written to <run_dir>/audit/empirical.json."""
     from common.data import held_out
     from common.model import build_model, load_tokenizer, trainable_head, trainable_names
     from server.app import run_dir_for
     from simulations.run import simulate
 
+    notes = canary_notes(cfg, notes)
+    if broken == "unit" and notes < 2:
+        raise ConfigError("--break unit audits canary patients at sites that protect "
+                          "records: give --notes 2 or more (or a config whose "
+                          "site.privacy_unit is patient)")
     cfg = _audited(cfg, m, sites, broken)
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve() if run_dir else run_dir_for(cfg, "audit")
@@ -99,7 +126,7 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
     site_names = [f"site{i}" for i in range(sites)]
     words = canary_set.vocabulary_words(load_tokenizer(cfg.model.base_model))
     rng = np.random.default_rng(secrets.randbits(128))
-    made = canary_set.make(m, words, labels, head.weight.numel(), site_names, rng)
+    made = canary_set.make(m, words, labels, head.weight.numel(), site_names, rng, notes)
     included = canary_set.draw_membership(len(made))  # secret until scoring
     folder = Path(tempfile.mkdtemp(prefix="fedcare-canaries-"))
     try:
@@ -113,11 +140,13 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
                          for s in site_names},
                         feature_basis(cfg, model, [test, canary_set.as_dataset(
                             [c for c in made if c.kind == "input"], labels)]))
-        say(f"audit: {m} input and {m} gradient canaries at {', '.join(site_names)}, each "
-            f"included with probability 1/2 ({int(included.sum())} in); training"
-            + (f" with the mechanism broken ({broken} off)" if broken else ""))
-        simulate(cfg, run_dir, verbose, client_mods=[BREAKS[broken]] if broken else (),
-                 observe=log)
+        unit = f"patients of {notes} notes" if notes > 1 else "records"
+        say(f"audit: {m} input and {m} gradient canaries ({unit}) at "
+            f"{', '.join(site_names)}, each included with probability 1/2 "
+            f"({int(included.sum())} in); training"
+            + (f" with a control ({SAYS[broken]})" if broken else ""))
+        simulate(cfg, run_dir, verbose, observe=log,
+                 client_mods=[BREAKS[broken]] if broken in BREAKS else ())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     say("audit: scoring the canaries")
@@ -128,6 +157,9 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
     summary = json.loads((run_dir / "summary.json").read_text())
     claimed = max(float(summary["epsilon_per_site"].get(s) or 0.0) for s in site_names)
     result, picked = _result(cfg, scores, member, claimed, site_names, broken, m)
+    result["claim_unit"] = claim_unit(run_dir, site_names)
+    result["canary_unit"] = "patient" if notes > 1 else "record"
+    result["notes_per_canary"] = notes
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["run_dir"] = str(run_dir)
     out = run_dir / "audit"
@@ -141,24 +173,29 @@ def run(cfg: Config, m: int = 1000, sites: int = 1, broken: str = "",
 
 def sweep(cfg: Config, m: int = 1000, sites: int = 1, base: Path | None = None,
           repeats: int = 3, verbose: bool = False,
-          say: Callable[[str], None] = print) -> tuple[list[dict], bool]:
+          say: Callable[[str], None] = print,
+          notes: int | None = None) -> tuple[list[dict], bool]:
     """The full audit: `repeats` audits with fresh canaries and membership, then the
-    noise-off and clipping-off controls, in subfolders of `base`. True when every audit
-    passed and every control was caught."""
+    noise-off and clipping-off controls and, where the canaries are patients, the unit
+    control, in subfolders of `base`. True when every audit passed and every control
+    was caught."""
     from server.app import run_dir_for
 
     base = Path(base).resolve() if base else run_dir_for(cfg, "audit")
+    notes = canary_notes(cfg, notes)
     plan = [(f"run-{i + 1}", "") for i in range(repeats)] + [
-        (f"{broken}-off", broken) for broken in BREAKS]
+        (f"{broken}-off", broken) for broken in BREAKS] + (
+        [("record-unit", "unit")] if notes > 1 else [])
     results = []
     for name, broken in plan:
         say(f"audit {len(results) + 1}/{len(plan)}: {name}")
-        results.append(run(cfg, m, sites, broken, base / name, verbose, say))
+        results.append(run(cfg, m, sites, broken, base / name, verbose, say, notes))
         say(describe(results[-1]))
     ok = all((r["verdict"] == "failed") == bool(r["control"]) for r in results)
     (base / "empirical_summary.json").write_text(json.dumps(
         {"ok": ok, "runs": [{k: r[k] for k in ("run_dir", "control", "verdict",
-                                               "claimed_epsilon", "seconds")}
+                                               "claimed_epsilon", "claim_unit",
+                                               "notes_per_canary", "seconds")}
                             | {kind: r["kinds"][kind]["epsilon"] for kind in r["kinds"]}
                             | {f"{kind}_auc": r["kinds"][kind]["auc"] for kind in r["kinds"]}
                             for r in results]}, indent=2) + "\n")
@@ -168,24 +205,44 @@ def sweep(cfg: Config, m: int = 1000, sites: int = 1, base: Path | None = None,
 def _audited(cfg: Config, m: int, sites: int, broken: str) -> Config:
     if not cfg.privacy.enabled:
         raise ConfigError("an empirical audit tests the DP mechanism: privacy.enabled is false")
-    if broken and broken not in BREAKS:
-        raise ConfigError(f"--break must be one of {', '.join(BREAKS)} (got {broken!r})")
+    if broken and broken not in CONTROLS:
+        raise ConfigError(f"--break must be one of {', '.join(CONTROLS)} (got {broken!r})")
     if not 1 <= sites <= cfg.simulation.num_sites:
         raise ConfigError(f"--sites must be in [1, simulation.num_sites = "
                           f"{cfg.simulation.num_sites}] (got {sites})")
     if m < 2 * sites:
         raise ConfigError(f"--canaries must be at least 2 per canary site ({2 * sites}; "
                           f"got {m}): a site's scores need a spread")
-    privacy, fed = cfg.privacy, cfg.federation
+    privacy, fed, site = cfg.privacy, cfg.federation, cfg.site
     if broken:
         privacy = dataclasses.replace(privacy, target_epsilon=min(privacy.target_epsilon,
                                                                   CONTROL_EPSILON))
+    if broken == "unit":
+        site = dataclasses.replace(site, privacy_unit="record")
     # fresh simulated sites: a lasting state folder would carry one audit's ledger (and
     # its spent ε) into the next
     return dataclasses.replace(cfg, privacy=privacy,
                                federation=dataclasses.replace(fed, secure_aggregation="off"),
-                               site=dataclasses.replace(cfg.site, release_evaluation=False,
+                               site=dataclasses.replace(site, release_evaluation=False,
                                                         state_dir=""))
+
+
+def claim_unit(run_dir: Path, site_names) -> str:
+    """Whom the canary sites' claimed ε protects, "record" or "patient", as every entry
+    of their ledgers states it; a missing ledger or a mix of units is refused."""
+    from common.privacy.entries import unit_of
+
+    units = set()
+    for site in site_names:
+        path = run_dir / "ledgers" / f"{site}.jsonl"
+        if not path.is_file():
+            raise RunError(f"the audit found no ledger for {site} at {path}")
+        units |= {unit_of(json.loads(line)) for line in path.read_text().splitlines()
+                  if line.strip()}
+    if len(units) != 1:
+        raise RunError(f"the canary sites' ledgers name {sorted(units) or 'no'} units of "
+                       "privacy: one claim per unit is needed to audit it")
+    return units.pop()
 
 
 def _gradient_scores(log: UpdateLog, made) -> np.ndarray:
@@ -228,11 +285,16 @@ def describe(result: dict) -> str:
     lines = []
     for kind, k in result["kinds"].items():
         auc = "" if k["auc"] is None else f", membership AUC {k['auc']:.3f}"
-        lines.append(f"  {kind:8s} canaries: ε ≥ {k['epsilon']:.3f} at "
+        lines.append(f"  {kind:8s} canaries: ε per {result.get('canary_unit', 'record')} ≥ "
+                     f"{k['epsilon']:.3f} at "
                      f"{result['confidence']:.0%} ({k['correct']}/{k['guesses']} guesses "
                      f"right{auc})" + ("  EXCEEDS THE CLAIM" if k["exceeds_claim"] else ""))
-    control = f" [control: {result['control']} off]" if result["control"] else ""
-    head = (f"empirical audit {result['verdict'].upper()}{control}: claimed ε = "
-            f"{result['claimed_epsilon']:.3f} (δ = {result['delta']:g}) at "
-            f"{', '.join(result['canary_sites'])}")
+    control = f" [control: {SAYS[result['control']]}]" if result["control"] else ""
+    notes = result.get("notes_per_canary", 1)
+    canaries = (f"canary patients of {notes} notes" if result.get("canary_unit") == "patient"
+                else "canary records")
+    head = (f"empirical audit {result['verdict'].upper()}{control}: claimed ε per "
+            f"{result.get('claim_unit', 'record')} = {result['claimed_epsilon']:.3f} "
+            f"(δ = {result['delta']:g}) at {', '.join(result['canary_sites'])}; bounds "
+            f"over {canaries}")
     return "\n".join([head, *lines])

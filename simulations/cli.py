@@ -59,17 +59,18 @@ def cmd_audit_empirical(args) -> int:
     base = Path(args.run_dir) if args.run_dir else None
     try:
         if args.full:
-            results, ok = sweep(cfg, args.canaries, args.sites, base, verbose=args.verbose)
+            results, ok = sweep(cfg, args.canaries, args.sites, base, verbose=args.verbose,
+                                notes=args.notes)
         else:
             results = [run(cfg, args.canaries, args.sites, args.break_ or "", base,
-                           verbose=args.verbose)]
+                           verbose=args.verbose, notes=args.notes)]
             ok = results[0]["verdict"] == "passed"
     except RuntimeError as err:  # the run directory is taken, or the run failed
         raise RunError(str(err)) from None
     if args.full:
         bad = [Path(r["run_dir"]).name for r in results
                if (r["verdict"] == "failed") != bool(r["control"])]
-        print("full audit PASSED: every audit below its claim, both controls caught" if ok
+        print("full audit PASSED: every audit below its claim, every control caught" if ok
               else f"full audit FAILED: {', '.join(bad)} (an audit above its claim, or a "
                    "control the audit did not catch)")
         print(f"results: {Path(results[0]['run_dir']).parent}/empirical_summary.json")
@@ -90,13 +91,19 @@ def register_empirical(commands: argparse._SubParsersAction) -> None:
                      help="canaries of each kind, input and gradient (default 1000)")
     emp.add_argument("--sites", type=int, default=1,
                      help="spread the canaries over the first N simulated sites (default 1)")
+    emp.add_argument("--notes", type=int, default=None,
+                     help="notes per canary: >1 makes each canary a patient (default 8 "
+                          "where site.privacy_unit is patient, else 1)")
     mode = emp.add_mutually_exclusive_group()
-    mode.add_argument("--break", dest="break_", choices=("noise", "clipping"), default=None,
-                      help="a control: the same audit with the mechanism broken; it claims "
-                           "ε=1 and must fail")
+    mode.add_argument("--break", dest="break_", choices=("noise", "clipping", "unit"),
+                      default=None,
+                      help="a control, which claims ε=1 and must fail: the mechanism broken "
+                           "(noise, clipping), or the sites protecting records while the "
+                           "canaries are patients (unit)")
     mode.add_argument("--full", action="store_true",
-                      help="three audits with fresh canaries, then both controls, which "
-                           "must fail (about five times the quick audit's time)")
+                      help="three audits with fresh canaries, then the controls, which "
+                           "must fail (noise, clipping, and unit where the canaries are "
+                           "patients)")
     emp.set_defaults(func=cmd_audit_empirical)
 
 

@@ -3,6 +3,7 @@ of the updates scores them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -31,12 +32,13 @@ def test_sites_receive_only_their_included_canaries_in_training(tmp_path):
     included = np.array([True, False] * 6)
     canaries.write_site_files(tmp_path, made, included)
     sent = json.loads((tmp_path / "site0.json").read_text())
-    assert [r["text"] for r in sent] == [c.text for c, i in zip(made, included)
-                                         if i and c.site == "site0"]
+    assert [tuple(r["texts"]) for r in sent] == [c.texts for c, i in zip(made, included)
+                                                 if i and c.site == "site0"]
 
     data = canaries.add_to_site(_site_data(), tmp_path, "site0")
     assert data.train.texts[:2] == ("x one", "x two") and data.val == _site_data().val
-    assert data.train.texts[2:] == tuple(r["text"] for r in sent)
+    assert data.train.texts[2:] == tuple(r["texts"][0] for r in sent)
+    assert not data.train.patients  # records that name no patients stay so
     assert data.fingerprint != "sha256:0"
     rows = dict(data.gradient_canaries)
     for row, canary in zip(range(2, len(data.train)), sent):
@@ -49,10 +51,48 @@ def test_sites_receive_only_their_included_canaries_in_training(tmp_path):
 def test_bad_canary_requests_are_refused(tmp_path):
     with pytest.raises(DataError, match="at most 4"):
         canaries.make(5, ["alpha"] * 3, LABELS, 4, ["site0"], np.random.default_rng(0))
+    with pytest.raises(DataError, match="at least one note"):
+        canaries.make(2, ["alpha"] * 3, LABELS, 4, ["site0"], np.random.default_rng(0), 0)
     (tmp_path / "site0.json").write_text(json.dumps(
-        [{"kind": "input", "text": "t", "label": "zzz", "coordinate": -1, "site": "site0"}]))
+        [{"kind": "input", "texts": ["t"], "label": "zzz", "coordinate": -1, "site": "site0"}]))
     with pytest.raises(DataError, match="not one of the run's labels"):
         canaries.add_to_site(_site_data(), tmp_path, "site0")
+
+
+def test_a_canary_patient_is_one_new_patient_whose_notes_share_label_and_coordinate(
+        tmp_path):
+    """At a site whose records name patients, each canary is a patient of its own: all
+    of its notes under one new id (so patient-level sampling takes and clips them
+    together), one label, and for a gradient canary one coordinate."""
+    from common.patients import rows_by_patient
+
+    made = canaries.make(4, ["alpha", "beta", "gamma", "delta"], LABELS, 12, ["site0"],
+                         np.random.default_rng(3), notes=5)
+    assert all(len(c.texts) == 5 and len(set(c.texts)) > 1 for c in made)
+    canaries.write_site_files(tmp_path, made, np.ones(len(made), dtype=bool))
+    base = _site_data()
+    base = SiteData(dataclasses.replace(base.train, patients=("p1", "p1")), base.val,
+                    base.fingerprint)
+    data = canaries.add_to_site(base, tmp_path, "site0")
+    train = data.train
+    assert len(train) == 2 + 8 * 5 and train.patients[:2] == ("p1", "p1")
+    groups = rows_by_patient(train.patients)
+    assert groups[0] == (0, 1) and len(groups) == 1 + 8
+    assert all(len(g) == 5 for g in groups[1:])
+    for group, canary in zip(groups[1:], made):
+        assert {train.texts[r] for r in group} == set(canary.texts)
+        assert {train.labels[r] for r in group} == {LABELS.index(canary.label)}
+    rows = dict(data.gradient_canaries)
+    for group, canary in zip(groups[1:], made):
+        if canary.kind == "gradient":
+            assert {rows[r] for r in group} == {canary.coordinate}
+        else:
+            assert not set(group) & set(rows)
+    # the features and scores of input canaries read every note, canary by canary
+    inputs = [c for c in made if c.kind == "input"]
+    assert canaries.as_dataset(inputs, LABELS).texts == tuple(t for c in inputs
+                                                              for t in c.texts)
+    assert canaries.owners(inputs).tolist() == [i for i in range(4) for _ in range(5)]
 
 
 def test_the_score_removes_the_pull_of_real_gradients_the_operator_can_predict():
@@ -82,7 +122,7 @@ def test_the_score_removes_the_pull_of_real_gradients_the_operator_can_predict()
 
 def test_the_audit_refuses_what_it_cannot_score_and_always_starts_fresh_sites():
     from common.config import ConfigError, from_mapping
-    from simulations.audit import _audited
+    from simulations.audit import NOTES_PER_PATIENT, _audited, canary_notes
 
     cfg = from_mapping({"site": {"state_dir": "/somewhere/lasting"},
                         "simulation": {"num_sites": 4}})
@@ -91,6 +131,15 @@ def test_the_audit_refuses_what_it_cannot_score_and_always_starts_fresh_sites():
     assert audited.federation.secure_aggregation == "off"
     assert not audited.site.release_evaluation
     assert audited.privacy.target_epsilon == 1.0  # a control's claim
+    unit = _audited(from_mapping({"site": {"privacy_unit": "patient"},
+                                  "data": {"patients": True}}), 100, 1, "unit")
+    assert unit.site.privacy_unit == "record" and unit.privacy.target_epsilon == 1.0
+    # canaries are patients where the sites protect patients, records elsewhere
+    assert canary_notes(cfg) == 1 and canary_notes(cfg, 4) == 4
+    assert canary_notes(from_mapping({"site": {"privacy_unit": "patient"},
+                                      "data": {"patients": True}})) == NOTES_PER_PATIENT > 1
+    with pytest.raises(ConfigError, match="--notes must be at least 1"):
+        canary_notes(cfg, 0)
     for m, sites, broken, why in [(3, 2, "", "at least 2 per canary site"),
                                   (100, 5, "", "--sites must be"),
                                   (100, 1, "gravity", "--break must be")]:

@@ -1,6 +1,7 @@
 """`fedcare audit empirical` end to end: canaries through the real simulation, sites,
-Opacus and ledger; a broken mechanism is caught, and everything needed to recompute
-the bound is saved."""
+Opacus and ledger; a broken mechanism is caught, everything needed to recompute the
+bound is saved, a patient-level mechanism holds against canary patients and a
+record-level claim does not."""
 
 from __future__ import annotations
 
@@ -76,13 +77,57 @@ def test_clipping_off_is_caught_and_the_bound_can_be_recomputed(tiny_model, site
     assert not list(run.rglob("site0.json"))
 
 
-def test_a_correct_mechanism_passes(tiny_model, site_files, tmp_path, capsys):
-    config, run = _config(tiny_model, site_files, tmp_path), tmp_path / "ok"
-    code = main(["audit", "empirical", str(config), "--canaries", "100",
-                 "--set", "privacy.target_epsilon=2", "--run-dir", str(run)])
-    assert code == 0, capsys.readouterr().out
-    result = json.loads((run / "audit" / "empirical.json").read_text())
-    assert result["verdict"] == "passed" and result["control"] is None
-    assert 0 < result["claimed_epsilon"] <= 2.0 + 1e-6
+def _patient_config(tiny_model, tmp_path) -> Path:
+    # as _config, at sites whose unit is the patient (each brings at most 4 notes a step)
+    from tests.test_patients import write_patient_records
+
+    files = {"sites": [write_patient_records(tmp_path / f"site{i}.csv", 40, seed=i,
+                                             prefix=f"s{i}-") for i in range(2)],
+             "test": write_patient_records(tmp_path / "test.csv", 12, seed=9, prefix="t-")}
+    cfg = tiny_config(tiny_model, files, data={"patient_column": "patient"},
+                      site={"privacy_unit": "patient", "max_records_per_patient": 4,
+                            "min_val_records": 3},
+                      train={"head_rounds": 2, "head_steps": 40, "head_batch_size": 48},
+                      privacy={"count_noise": 20.0, "target_epsilon": 1.0},
+                      # site1's 30-odd patients cannot train at ε = 1 within σ ≤ 20; the
+                      # canaries are at site0, whose update is what the audit reads
+                      federation={"min_sites": 1},
+                      simulation={"output_dir": str(tmp_path / "runs")})
+    path = tmp_path / "patients.yaml"
+    path.write_text(dump_yaml(cfg))
+    return path
+
+
+def test_a_correct_mechanism_passes_per_patient_and_a_record_level_claim_is_caught(
+        tiny_model, tmp_path, capsys):
+    """A correct mechanism passes its audit, here at the patient level (the record
+    level's pass is the same scoring and bound with canaries of one note). The same
+    claim (ε = 1) and the same kind of canary patients (16 notes each, 128 of each kind:
+    all the tiny head's coordinates): sites that protect patients clip a patient's notes
+    together and pass; sites that protect records clip each note alone, so a patient
+    moves the update by up to 16·C, and the audit flags the claim."""
+    config = _patient_config(tiny_model, tmp_path)
+    audit = ["audit", "empirical", str(config), "--canaries", "128", "--notes", "16"]
+    code = main([*audit, "--run-dir", str(tmp_path / "patients")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "claimed ε per patient" in out and "ε per patient ≥" in out
+    result = json.loads((tmp_path / "patients" / "audit" / "empirical.json").read_text())
+    assert result["verdict"] == "passed" and result["claim_unit"] == "patient"
+    assert result["canary_unit"] == "patient" and result["notes_per_canary"] == 16
+    assert 0 < result["claimed_epsilon"] <= 1.0 + 1e-6
     for kind in result["kinds"].values():
-        assert kind["epsilon"] <= result["claimed_epsilon"] and not kind["exceeds_claim"]
+        assert kind["canaries"] == 128 and not kind["exceeds_claim"]
+    rows = json.loads((tmp_path / "patients" / "audit" / "canaries.json").read_text())
+    assert all(len(r["texts"]) == 16 for r in rows)
+
+    code = main([*audit, "--break", "unit", "--run-dir", str(tmp_path / "records")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FAILED [control: the sites protect records, the canaries are patients]" in out
+    result = json.loads((tmp_path / "records" / "audit" / "empirical.json").read_text())
+    assert result["verdict"] == "failed" and result["control"] == "unit"
+    assert result["claim_unit"] == "record" and result["canary_unit"] == "patient"
+    assert 0 < result["claimed_epsilon"] <= 1.0 + 1e-6
+    gradient = result["kinds"]["gradient"]
+    assert gradient["exceeds_claim"] and gradient["epsilon_for_verdict"] > 1.0

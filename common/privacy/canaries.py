@@ -10,6 +10,17 @@ Two kinds, each audited on its own (common/privacy/one_run.py):
   direction no other canary shares. Scored by how far the site's released updates moved
   that coordinate: the view of the operator, who sees every update.
 
+Where the audited sites protect patients, each canary is a *patient*: `notes` records
+(m) included or left out as a whole, with a patient id of its own at the site, so the
+site's patient-level sampling samples, bounds and clips them together. A gradient canary
+patient's notes all point along that patient's one coordinate, so the joint clip leaves
+the patient exactly C; under record-level DP each note is clipped alone and the patient
+moves the update by up to m·C, which is what the audit's unit control shows. An input
+canary patient's notes are different random-word texts sharing one random label (a
+patient's notes share a diagnosis, and one label makes their pulls add up on one row of
+the head: the strongest patient of this kind); it is scored by the mean loss over its
+notes. A record canary is a patient of one note.
+
 The audit draws which canaries are included from a secret seed; the sites receive only
 the included ones (`write_site_files`), so nothing a site holds tells the excluded ones.
 """
@@ -35,8 +46,9 @@ GROUP = "audit-canary"
 
 @dataclass(frozen=True)
 class Canary:
+    """One canary unit: a record, or a patient of several notes (`texts`)."""
     kind: Kind
-    text: str
+    texts: tuple[str, ...]
     label: str
     coordinate: int = -1   # gradient canaries: flat index into the head's weight
     site: str = ""
@@ -52,9 +64,12 @@ def vocabulary_words(tokenizer) -> list[str]:
 
 
 def make(m: int, words: Sequence[str], labels: Sequence[str], head_size: int,
-         sites: Sequence[str], rng: np.random.Generator) -> list[Canary]:
-    """m input and m gradient canaries, dealt round-robin to `sites`; gradient
-    canaries on m distinct coordinates of a head weight with `head_size` entries."""
+         sites: Sequence[str], rng: np.random.Generator, notes: int = 1) -> list[Canary]:
+    """m input and m gradient canaries of `notes` notes each, dealt round-robin to
+    `sites`; gradient canaries on m distinct coordinates of a head weight with
+    `head_size` entries (all of a canary's notes on its one coordinate)."""
+    if notes < 1:
+        raise DataError(f"a canary needs at least one note (got {notes})")
     if m > head_size:
         raise DataError(f"{m} gradient canaries need {m} distinct coordinates, and the "
                         f"head's weight has {head_size}: use at most {head_size} canaries")
@@ -62,9 +77,12 @@ def make(m: int, words: Sequence[str], labels: Sequence[str], head_size: int,
         return " ".join(words[i] for i in rng.integers(0, len(words), WORDS_PER_TEXT))
 
     coordinates = rng.choice(head_size, size=m, replace=False)
-    out = [Canary("input", text(), labels[int(rng.integers(len(labels)))], -1,
+    def texts() -> tuple[str, ...]:
+        return tuple(text() for _ in range(notes))
+
+    out = [Canary("input", texts(), labels[int(rng.integers(len(labels)))], -1,
                   sites[i % len(sites)]) for i in range(m)]
-    out += [Canary("gradient", text(), labels[0], int(c), sites[i % len(sites)])
+    out += [Canary("gradient", texts(), labels[0], int(c), sites[i % len(sites)])
             for i, c in enumerate(coordinates)]
     return out
 
@@ -88,8 +106,10 @@ def write_site_files(folder: Path, canaries: Sequence[Canary], included: np.ndar
 
 
 def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
-    """A simulated site's data with its canaries appended to the training records (the
-    validation records stay as they were). No file for the site: no canaries."""
+    """A simulated site's data with its canaries' notes appended to the training records
+    (the validation records stay as they were). Where the records name patients, each
+    canary is a patient of its own, all of its notes under one new id. No file for the
+    site: no canaries."""
     path = Path(folder) / f"{check_name('site name', site)}.json"
     if not path.is_file():
         return data
@@ -101,18 +121,34 @@ def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
     except ValueError:
         raise DataError(f"{path} holds a canary label that is not one of the run's labels") \
             from None
-    added = TextDataset(train.texts + tuple(row["text"] for row in rows),
-                        train.labels + labels,
-                        train.groups + (GROUP,) * len(rows), names)
-    gradient = tuple((len(train) + i, int(row["coordinate"]))
-                     for i, row in enumerate(rows) if row["kind"] == "gradient")
+    if any(not row["texts"] for row in rows):
+        raise DataError(f"{path} holds a canary without notes")
+    owner = [j for j, row in enumerate(rows) for _ in row["texts"]]  # each note's canary
+    taken = set(train.patients)
+    ids = [f"{GROUP}-{site}-{j}" for j in range(len(rows))]
+    if taken & set(ids):
+        raise DataError(f"site {site} already has a patient named like a canary ({GROUP}-...)")
+    added = TextDataset(train.texts + tuple(t for row in rows for t in row["texts"]),
+                        train.labels + tuple(labels[j] for j in owner),
+                        train.groups + (GROUP,) * len(owner), names,
+                        train.patients + tuple(ids[j] for j in owner) if train.patients
+                        else ())
+    gradient = tuple((len(train) + i, int(rows[j]["coordinate"]))
+                     for i, j in enumerate(owner) if rows[j]["kind"] == "gradient")
     return SiteData(added, data.val, data.fingerprint + "+canaries", gradient)
 
 
 def as_dataset(made: Sequence[Canary], labels: Sequence[str]) -> TextDataset:
-    """Canaries as records (text, label), e.g. to compute their features."""
-    return TextDataset(tuple(c.text for c in made), tuple(labels.index(c.label) for c in made),
-                       tuple(GROUP for _ in made), tuple(labels))
+    """The canaries' notes as records (text, its canary's label), canary by canary, e.g.
+    to compute their features; `owners(made)` says whose each record is."""
+    return TextDataset(tuple(t for c in made for t in c.texts),
+                       tuple(labels.index(c.label) for c in made for _ in c.texts),
+                       tuple(GROUP for c in made for _ in c.texts), tuple(labels))
+
+
+def owners(made: Sequence[Canary]) -> np.ndarray:
+    """For each record of `as_dataset(made)`, the index of its canary."""
+    return np.repeat(np.arange(len(made)), [len(c.texts) for c in made])
 
 
 def save(path: Path, canaries: Sequence[Canary], included: np.ndarray,

@@ -1,6 +1,7 @@
 """How the empirical audit scores its canaries (common/privacy/canaries.py).
 
-Input canaries: minus the final global model's loss on each. Gradient canaries: from
+Input canaries: minus the final global model's loss on each (a canary patient's: the
+mean over its notes). Gradient canaries: from
 the updates the server saw (`UpdateLog`), less what the operator can predict of the real
 records' pull on each canary's coordinate without knowing the canaries. Nothing here
 sees which canaries were included.
@@ -106,7 +107,8 @@ def feature_basis(cfg: Config, model, texts: list, rank: int = 32) -> np.ndarray
 
 
 def input_scores(run_dir: Path, inputs) -> np.ndarray:
-    """Minus the final global model's cross-entropy on each input canary."""
+    """Minus the final global model's cross-entropy on each input canary, averaged over
+    the canary's notes (a patient's mean loss: the same order as the summed loss)."""
     import torch
 
     from common.evaluation import encode, pooled_features, predict_probs
@@ -118,5 +120,7 @@ def input_scores(run_dir: Path, inputs) -> np.ndarray:
     data = encode(ds, tokenizer, tokenizer.model_max_length)  # as the adapter was trained
     probs = predict_probs(trainable_head(model), pooled_features(classifier_of(model), data,
                                                                  device), device)
-    picked = probs[np.arange(len(inputs)), np.asarray(ds.labels)]
-    return np.log(np.clip(picked, 1e-30, None))
+    picked = probs[np.arange(len(ds)), np.asarray(ds.labels)]
+    owner = canaries.owners(inputs)
+    total = np.bincount(owner, np.log(np.clip(picked, 1e-30, None)), minlength=len(inputs))
+    return total / np.bincount(owner, minlength=len(inputs))
