@@ -251,3 +251,60 @@ def test_personalisation_rows_charge_the_global_and_the_total_epsilon():
     assert (s0["global_accuracy"], s0["personal_accuracy"]) == (0.5, 0.7)
     assert s1["personal_macro_f1"] is None and s1["refused"].startswith("site1")
     assert s1["epsilon_global"] == s1["epsilon_total"] == 6.5
+
+
+# -- patient-level privacy -----------------------------------------------------------
+def test_at_least_judges_a_lead():
+    assert targets.judge_at_least(10.0, 10.0) == targets.MET     # the limit itself is met
+    assert targets.judge_at_least(9.9, 10.0) == targets.MISSED
+    assert targets.judge_at_least(None, 10.0) == targets.NOT_RUN
+
+
+def test_group_baseline_runs_record_level_at_the_per_record_share_of_the_promise():
+    from common.privacy.accounting import group_privacy
+    from simulations.bench import patients
+
+    g4 = patients.group(4).overrides
+    assert g4["site.privacy_unit"] == "record" and g4["data.max_notes_per_patient"] == 4
+    assert g4["privacy.target_epsilon"] == pytest.approx(2.0)
+    # read for a patient of 4 notes, the per-record (ε, δ) is the patient-level promise
+    assert group_privacy(g4["privacy.target_epsilon"], g4["privacy.delta"], 4) == \
+        pytest.approx((patients.EPSILON, patients.DELTA))
+    names = [s.name for s in patients.setups()]
+    assert len(names) == len(set(names))
+    assert names[:3] == ["record_eps8", "uls_k4", "group_k4"]  # the targets' sides first
+    assert patients.uls(4, "mean").overrides["train.patient_gradient"] == "mean"
+
+
+def _patient_configs(**runs):
+    from simulations.bench import patients
+
+    by_name = {s.name: s for s in patients.setups()}
+    return [patients.summarize(by_name[name], rs) for name, rs in runs.items()]
+
+
+def test_patient_targets_pair_by_seed_and_judge_a_lead_at_least():
+    from simulations.bench import patients
+
+    configs = _patient_configs(
+        record_eps8=[_run(0, 0.70), _run(1, 0.68)],
+        uls_k4=[_run(0, 0.66), _run(1, 0.60)],       # 4 and 8 below: mean 6 > 5 -> missed
+        group_k4=[_run(0, 0.50), _run(1, 0.52)],     # ULS ahead by 16 and 8: mean 12 -> met
+        uls_k4_mean=[_run(0, 0.64)])
+    by_name = {c["name"]: c for c in patients.compare(configs)}
+    record = by_name["ULS k=4 vs record-level ε=8"]
+    assert record["gap_points"]["mean"] == pytest.approx(6.0)
+    assert record["status"] == targets.MISSED
+    lead = by_name["ULS k=4 ahead of group privacy k=4"]
+    assert lead["gap_points"]["mean"] == pytest.approx(12.0)
+    assert lead["status"] == targets.MET
+    sum_mean = by_name["ULS k=4: sum ahead of mean"]
+    assert sum_mean["gap_points"]["seeds"] == [0] and sum_mean["status"] == "shown, not judged"
+    assert by_name["ULS k=16 ahead of group privacy k=16"]["status"] == targets.NOT_RUN
+
+    text = "\n".join(report.render_patients(
+        {"seeds": [0, 1], "device": "cpu", "configs": configs,
+         "comparisons": patients.compare(configs)}))
+    assert _row(text, "ULS k=4 vs record-level ε=8").endswith("| ≤ 5 | **missed** |")
+    assert _row(text, "ULS k=4 ahead of group privacy k=4").endswith("| ≥ 10 | met |")
+    assert _row(text, "ULS k=4").split(" | ")[5] == "6.0"  # points below record ε=8

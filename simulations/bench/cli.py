@@ -26,6 +26,7 @@ def _sections() -> dict:
     from simulations.bench.accountants import accounting
     from simulations.bench.costs import dp_cost, update_bytes
     from simulations.bench.orchestration import orchestration
+    from simulations.bench.patients import patients
     from simulations.bench.personalization import personalization
     from simulations.bench.robustness import robustness
     from simulations.bench.scaling import scaling
@@ -34,11 +35,12 @@ def _sections() -> dict:
     # utility first: bytes, accounting and orchestration read the runs it made
     return {"utility": utility, "dp-cost": dp_cost, "bytes": update_bytes,
             "accounting": accounting, "orchestration": orchestration,
-            "scaling": scaling, "personalization": personalization, "robustness": robustness}
+            "scaling": scaling, "personalization": personalization, "robustness": robustness,
+            "patients": patients}
 
 
 SECTIONS = ("utility", "dp-cost", "bytes", "accounting", "orchestration", "scaling",
-            "personalization", "robustness")
+            "personalization", "robustness", "patients")
 QUICK_SECTIONS = SECTIONS[:5]
 
 
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
     bench = Bench(out, args.device, args.quick, seeds, args.ray_address)
+    from simulations.bench.patients import PATIENTS
     from simulations.bench.personalization import STRONG_SKEW
 
-    pinned = {p.name: str(bench.config(p)) for p in (DEFAULT_CONFIG, STRONG_SKEW)}
+    pinned = {p.name: str(bench.config(p)) for p in (DEFAULT_CONFIG, STRONG_SKEW, PATIENTS)}
     started = time.perf_counter()
     results = {"mode": "quick" if args.quick else "full",
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -22,6 +22,7 @@ SECTION_TITLES = {
     "scaling": "6. Scaling on Flower's Ray simulation",
     "personalization": "7. Personalisation under strong skew",
     "robustness": "8. Robustness to one poisoned site",
+    "patients": "9. Patient-level privacy",
 }
 
 
@@ -289,10 +290,38 @@ def render_robustness(s: dict) -> list[str]:
                    rows)]
 
 
+def render_patients(s: dict) -> list[str]:
+    ref = next((c for c in s["configs"] if c["name"] == "record_eps8"), None)
+    ref_f1 = (ref or {}).get("macro_f1", {}).get("mean")
+    rows = []
+    for c in s["configs"]:
+        f1 = c["macro_f1"].get("mean")
+        below = None if f1 is None or ref_f1 is None else 100 * (ref_f1 - f1)
+        rows.append([c["label"], c["guarantee"], f"{c['accuracy'].get('n', 0)}"
+                     + (f" ({c['failed']} failed)" if c.get("failed") else ""),
+                     pm(c["accuracy"]), pm(c["macro_f1"]), num(below, 1),
+                     pm(c.get("sigma"), 2), pm(c.get("q"), 3), pm(c["process_seconds"], 0)])
+    def limit(g):
+        return ("—" if g["limit_points"] is None else
+                f"{'≤' if g['rule'] == 'at_most' else '≥'} {g['limit_points']:g}")
+    return [f"Seeds (data.seed: split, partition and synthetic patients): "
+            f"{', '.join(map(str, s.get('seeds', [])))}; device {s.get('device')}. Every run "
+            "is simulations/configs/patients.yaml plus its overrides; the promise per "
+            f"patient is ε={s.get('epsilon', 8):g}, δ={s.get('delta', 1e-5):g} per site. "
+            "σ: the largest noise multiplier a site trained with; q: its sampling rate "
+            "(of patients for ULS, of notes otherwise).", "",
+            *table(["configuration", "promise", "runs", "test accuracy", "test macro-F1",
+                    "F1 points below record ε=8", "σ", "q", "wall s / run"], rows), "",
+            *table(["comparison", "points (macro-F1, reference − other, paired by seed)",
+                    "limit", "result"],
+                   [[g["name"], pm(g["gap_points"], 1), limit(g), mark(g["status"])]
+                    for g in s["comparisons"]])]
+
+
 RENDERERS = {"utility": render_utility, "dp-cost": render_dp_cost, "bytes": render_bytes,
              "accounting": render_accounting, "orchestration": render_orchestration,
              "scaling": render_scaling, "personalization": render_personalization,
-             "robustness": render_robustness}
+             "robustness": render_robustness, "patients": render_patients}
 
 
 # -- plots ---------------------------------------------------------------------------

@@ -70,3 +70,10 @@ def judge_relative(value: float | None, reference: float | None, limit: float) -
     if value is None or reference is None or not reference:
         return NOT_RUN
     return judge_at_most(abs(value / reference - 1.0), limit)
+
+
+def judge_at_least(value: float | None, limit: float) -> str:
+    """met when `value` >= `limit` (a lead in points); not run when unmeasured."""
+    if value is None or not math.isfinite(value):
+        return NOT_RUN
+    return MET if value >= limit - 1e-9 * max(1.0, abs(limit)) else MISSED
