@@ -26,7 +26,7 @@ from pathlib import Path
 from common.data import file_rows
 from common.errors import DataError, run_command
 from common.names import check_name
-from common.privacy.group import patient_reading, reading_text
+from common.privacy.group import notes_count, patient_reading, reading_text
 from common.privacy.entries import LedgerError
 from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.report import dataset_summaries, format_epsilon, unit_text
@@ -53,7 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     status = site_commands.add_parser(
         "status", help="the site's budget per dataset, its entries, and whether they verify")
     status.add_argument("state_dir", type=Path, help="the site's state folder")
-    status.add_argument("--notes-per-patient", type=_positive, default=None, metavar="N",
+    status.add_argument("--notes-per-patient", type=notes_count, default=None, metavar="N",
                         help="the site's largest number of notes of one patient, for the "
                              "patient reading of a record-level ε")
     status.add_argument("--data", type=Path, default=None, metavar="FILE",
@@ -209,16 +209,6 @@ def _largest_patient(args: argparse.Namespace) -> int | None:
                             line=line)
         counts[str(row[args.patient_column])] += 1
     return max(counts.values())
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
-    return value
 
 
 def _cell(value) -> str:

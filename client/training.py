@@ -65,7 +65,7 @@ class Patients:
     the patient's gradient before joint clipping ("sum" or "mean")."""
     rows: tuple[tuple[int, ...], ...]
     max_rows: int
-    reduction: str = "sum"
+    reduction: str = "mean"
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -233,7 +233,7 @@ class TrainConfig:
         default=0, metadata={"help": "After federation, DP steps each site spends on its "
                                      "own copy of the global adapter; 0 = off."})
     patient_gradient: Literal["sum", "mean"] = field(
-        default="sum",
+        default="mean",
         metadata={"help": "Patient-level DP: a sampled patient's gradient is the sum or "
                           "the mean of their records' gradients, clipped jointly to "
                           "privacy.max_grad_norm (either way a patient moves a step by at "

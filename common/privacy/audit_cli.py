@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import run_command
+from common.privacy.group import notes_count
 from common.privacy.report import dataset_summaries, format_epsilon, write_report
 from common.privacy.signing import KeyFileError
 from common.privacy.verify import VerifyInputError, verify_path
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction,
                         help="HTML file (default: PATH/audit_report.html; JSON beside it)")
     report.add_argument("--trusted-keys", type=Path, default=None,
                         help="folder of <site>.pub.pem keys to pin each site's signature to")
-    report.add_argument("--notes-per-patient", type=_notes, default=None, metavar="N",
+    report.add_argument("--notes-per-patient", type=notes_count, default=None, metavar="N",
                         help="the most notes one patient has at a site (as the hospital "
                              "states it), for the patient reading of a record-level ε; "
                              "default: a table for 2 to 50 notes")
@@ -96,16 +97,6 @@ def run_report(args: argparse.Namespace) -> int:
     if not data["ok"]:
         print("The report lists problems; `fedcare audit verify` exits 1 on them.")
     return 0
-
-
-def _notes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
-    return value
 
 
 def _tolerance(text: str) -> float:

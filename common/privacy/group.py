@@ -51,3 +51,16 @@ def reading_text(rows: list[dict], largest: bool) -> str:
         return f"{r['notes']} notes: ε ≤ {r['epsilon']:.4g}, δ ≤ {r['delta']:.3g}{gone}"
     head = "the site's largest patient, " if largest else "a patient with "
     return head + "; ".join(one(r) for r in rows)
+
+
+def notes_count(text: str) -> int:
+    """A command-line number of notes: a whole number >= 1 (argparse type)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
