@@ -102,6 +102,26 @@ def data_version(key, records_digest: str) -> str:
     return "v1:" + hashlib.sha256(signature.encode()).hexdigest()[:40]
 
 
+def describe(entry: dict) -> str:
+    """One line of the site's own log for a ledger entry (simulations/site_logs.py
+    reads it back)."""
+    left = entry["epsilon_budget"] - entry["epsilon"]
+    what = (f"refused: {entry.get('reason')}" if entry["kind"] == "refusal" else
+            f"σ={entry['noise_multiplier']:.4g} q={entry['sample_rate']:.4g} "
+            f"steps={entry['steps']}")
+    note = (" (q=1: the data is not larger than the batch, so there is no "
+            "amplification by sampling)" if entry["kind"] in ("train", "personalize")
+            and entry["sample_rate"] >= 1.0 else "")
+    withheld = f"; withheld: {entry['withheld']}" if entry.get("withheld") else ""
+    unit = unit_of(entry)
+    bound = f" k={entry['max_records_per_patient']}" if unit == "patient" else ""
+    return (f"release {entry['kind']} run={entry['run_id']} round={entry['round']} "
+            f"dataset={entry.get('dataset')} unit={unit}{bound} {what}; ε per {unit} "
+            f"spent {entry['epsilon']:.4g}, "
+            f"left {left:.4g} of {entry['epsilon_budget']:g} (δ={entry['delta']:g}, "
+            f"ledger seq {entry['seq']}){note}{withheld}")
+
+
 class SiteGuard:
     def __init__(self, site: str, state_dir: Path, fingerprint: str, policy: Policy,
                  accountant: str = "prv", log=None) -> None:
@@ -250,26 +270,8 @@ class SiteGuard:
 
     def _append(self, fields: dict) -> dict:
         entry = self.ledger.append(fields)
-        self.log(self.describe(entry))
+        self.log(describe(entry))
         return entry
-
-    def describe(self, entry: dict) -> str:
-        """One line of the site's own log for a ledger entry."""
-        left = entry["epsilon_budget"] - entry["epsilon"]
-        what = (f"refused: {entry.get('reason')}" if entry["kind"] == "refusal" else
-                f"σ={entry['noise_multiplier']:.4g} q={entry['sample_rate']:.4g} "
-                f"steps={entry['steps']}")
-        note = (" (q=1: the data is not larger than the batch, so there is no "
-                "amplification by sampling)" if entry["kind"] in ("train", "personalize")
-                and entry["sample_rate"] >= 1.0 else "")
-        withheld = f"; withheld: {entry['withheld']}" if entry.get("withheld") else ""
-        unit = unit_of(entry)
-        bound = f" k={entry['max_records_per_patient']}" if unit == "patient" else ""
-        return (f"release {entry['kind']} run={entry['run_id']} round={entry['round']} "
-                f"dataset={entry.get('dataset')} unit={unit}{bound} {what}; ε per {unit} "
-                f"spent {entry['epsilon']:.4g}, "
-                f"left {left:.4g} of {entry['epsilon_budget']:g} (δ={entry['delta']:g}, "
-                f"ledger seq {entry['seq']}){note}{withheld}")
 
     def _entry(self, kind: str, run_id: str, round_no: int, secure: bool, **fields) -> dict:
         return {

@@ -11,7 +11,7 @@ A site's log lines, as the site writes them:
 
     error <ref> (<code>): <message>        then its traceback (client/releases.py)
     node <id>                              the Flower node this site answers as
-    <time> release refusal run=<run> round=<n> ... refused: <reason>; ε spent ...
+    <time> release refusal run=<run> round=<n> ... refused: <reason>; ε per <unit> spent ...
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from client.node import LOG_FILE
 
 ERROR = re.compile(r"^error ([0-9a-f]+) \(([a-z-]+)\): (.*)$")
 NODE = re.compile(r"^node (\d+)$")
-REFUSAL = re.compile(r"release refusal run=(\S+) round=(\d+) .*?refused: (.*); ε spent ")
+REFUSAL = re.compile(r"release refusal run=(\S+) round=(\d+) .*?refused: (.*); ε per \w+ spent ")
 REFERENCE = re.compile(r"reference ([0-9a-f]+)")
 # how a site words a refusal in its ledger (client/site.py): a round's training, or not
 # evaluating (personalising) it; the reason follows, the same from round to round

@@ -57,6 +57,15 @@ def test_bad_canary_requests_are_refused(tmp_path):
         [{"kind": "input", "texts": ["t"], "label": "zzz", "coordinate": -1, "site": "site0"}]))
     with pytest.raises(DataError, match="not one of the run's labels"):
         canaries.add_to_site(_site_data(), tmp_path, "site0")
+    # a file of another shape (one `text`, as files before canary patients had) is named
+    for rows, said in [([{"kind": "input", "text": "t", "label": LABELS[0]}],
+                        r"site0.json: canary 0 has no notes"),
+                       ([{"kind": "gradient", "texts": ["t"], "label": LABELS[0]}],
+                        r"site0.json: gradient canary 0 needs an integer `coordinate`"),
+                       ({"kind": "input"}, "holds no list of canaries")]:
+        (tmp_path / "site0.json").write_text(json.dumps(rows))
+        with pytest.raises(DataError, match=said):
+            canaries.add_to_site(_site_data(), tmp_path, "site0")
 
 
 def test_a_canary_patient_is_one_new_patient_whose_notes_share_label_and_coordinate(

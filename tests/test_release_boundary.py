@@ -342,7 +342,7 @@ def test_a_hospital_never_reads_canaries_or_evaluation_settings_meant_for_simula
     folder = tmp_path / "canaries"
     folder.mkdir()
     (folder / "site-a.json").write_text(json.dumps(
-        [{"kind": "gradient", "text": "fever cough", "label": LABELS[0], "coordinate": 3,
+        [{"kind": "gradient", "texts": ["fever cough"], "label": LABELS[0], "coordinate": 3,
           "site": "site-a"}]))
     cfg = tiny_config(tiny_model, site_files, simulation={"canaries": str(folder)},
                       site={"release_evaluation": True})

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from client.budget import describe
 from simulations.site_logs import explain
 
 RUN = "run-1"
 
 
-def _refusal(site: str, round_no: int, reason: str) -> str:
-    return (f"2026-12-03T08:00:00+00:00 release refusal run={RUN} round={round_no} "
-            f"dataset=d0 refused: {reason}; ε spent 0, left 1 of 1 (δ=1e-05, prv)")
+def _refusal(site: str, round_no: int, reason: str, unit: str = "record") -> str:
+    """The line a site logs for a refusal, as its guard words it, in either unit."""
+    unit = {"privacy_unit": "patient", "max_records_per_patient": 4} if unit == "patient" \
+        else {"privacy_unit": "record"}
+    entry = {"kind": "refusal", "run_id": RUN, "round": round_no, "dataset": "d0",
+             "reason": reason, "epsilon": 0.0, "epsilon_budget": 1.0, "delta": 1e-5,
+             "seq": round_no, "noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0, **unit}
+    return f"2026-12-03T08:00:00+00:00 {describe(entry)}"
 
 
 def _write(tmp_path, logs: dict[str, list[str]], rows: list[dict]):
@@ -27,14 +35,15 @@ def _write(tmp_path, logs: dict[str, list[str]], rows: list[dict]):
     return run
 
 
-def test_each_site_is_named_with_the_cause_its_own_log_gives(tmp_path):
+@pytest.mark.parametrize("unit", ["record", "patient"])
+def test_each_site_is_named_with_the_cause_its_own_log_gives(tmp_path, unit):
     logs = {
         "site0": ["node 11", "error 0a1b2c3d (data): a.csv:7: unknown label 'x'",
                   "Traceback (most recent call last):", "  File ...",
                   "common.errors.DataError: a.csv:7: unknown label 'x'"],
         "site1": ["node 22", _refusal("site1", 1, "site1 refuses round 1: the run asks δ=1e-3, "
-                                                 "above the site's δ=1e-5"),
-                  _refusal("site1", 1, "site1 does not evaluate round 1: over budget")],
+                                                 "above the site's δ=1e-5", unit),
+                  _refusal("site1", 1, "site1 does not evaluate round 1: over budget", unit)],
         "site2": ["node 33", "2026-12-03T08:00:01+00:00 training round 1 of run-1"],
         "site3": ["node 44"],  # answered every round
     }

@@ -105,6 +105,30 @@ def write_site_files(folder: Path, canaries: Sequence[Canary], included: np.ndar
         (folder / f"{check_name('site name', site)}.json").write_text(json.dumps(rows))
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """A site's canary file, each row checked against the fields `write_site_files`
+    writes; a row of another shape (say, an older file with one `text`) is an error
+    naming the file and the row."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise DataError(f"{path} is not a canary file (JSON): {err}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path} is not a canary file: it holds no list of canaries")
+    for i, row in enumerate(rows):
+        texts = row.get("texts") if isinstance(row, dict) else None
+        if (not isinstance(texts, list) or not texts
+                or not all(isinstance(t, str) and t for t in texts)):
+            raise DataError(f"{path}: canary {i} has no notes: it needs `texts`, a list of "
+                            f"one or more non-empty notes")
+        if row.get("kind") not in ("input", "gradient") or not isinstance(row.get("label"), str):
+            raise DataError(f"{path}: canary {i} needs a `kind` (input or gradient) and a "
+                            f"`label`")
+        if row["kind"] == "gradient" and not isinstance(row.get("coordinate"), int):
+            raise DataError(f"{path}: gradient canary {i} needs an integer `coordinate`")
+    return rows
+
+
 def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
     """A simulated site's data with its canaries' notes appended to the training records
     (the validation records stay as they were). Where the records name patients, each
@@ -113,7 +137,7 @@ def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
     path = Path(folder) / f"{check_name('site name', site)}.json"
     if not path.is_file():
         return data
-    rows = json.loads(path.read_text())
+    rows = _read_rows(path)
     train = data.train
     names = train.label_names
     try:
@@ -121,8 +145,6 @@ def add_to_site(data: SiteData, folder: str | Path, site: str) -> SiteData:
     except ValueError:
         raise DataError(f"{path} holds a canary label that is not one of the run's labels") \
             from None
-    if any(not row["texts"] for row in rows):
-        raise DataError(f"{path} holds a canary without notes")
     owner = [j for j, row in enumerate(rows) for _ in row["texts"]]  # each note's canary
     taken = set(train.patients)
     ids = [f"{GROUP}-{site}-{j}" for j in range(len(rows))]
