@@ -10,12 +10,14 @@ the run log names the site and the reason.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from common.message_keys import Keys
+from common.privacy.ledger import format_head, parse_head, parse_ledger_bytes
 
 Check = Callable[[Any], bool]
 
@@ -72,12 +74,79 @@ def check_metrics(phase: str, metrics: dict) -> str:
     return ""
 
 
+def check_ledger(ledger: Any, head: Any) -> str:
+    """'' if a reply's ledger is what a site keeps (JSON lines, each an object, the last
+    with a seq and hash) and its head names that last entry; else what is wrong. Its
+    signatures and ε are the auditor's to verify (`fedcare audit verify`); a ledger the
+    server cannot even read back is not kept, and its reply is not used."""
+    if ledger is None and head is None:
+        return ""
+    if not isinstance(ledger, str) or not isinstance(head, str):
+        return "a ledger comes with its head, both as text"
+    if not ledger:
+        return "" if not head else f"ledger head {head[:20]!r} names an entry of an empty ledger"
+    good, bad = parse_ledger_bytes(ledger.encode("utf-8", "surrogatepass"))
+    if bad:
+        return f"ledger: {bad[0][1]}"
+    last = good[-1][1]
+    try:
+        claimed, kept = parse_head(head), format_head(last["seq"], last["hash"])
+    except (KeyError, TypeError, ValueError):
+        return "ledger: its last entry has no seq and hash, or its head is not 'seq:hash'"
+    if format_head(*claimed) != kept:
+        return f"ledger head {head[:20]!r}... is not its last entry's ({kept[:20]!r}...)"
+    return ""
+
+
 def check_weight(num_examples: Any, cap: int) -> tuple[int, str]:
     """(the FedAvg weight to use, '' or why the reply is rejected). A claim above the
     cap counts as the cap: one site cannot outweigh the others by saying so."""
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         return 0, f"num_examples {num_examples!r} is not a positive count"
     return min(num_examples, cap), ""
+
+
+def decode_arrays(tensors: Any, shapes: Sequence[tuple[int, ...]],
+                  slack: int = 8) -> tuple[list[np.ndarray] | None, str]:
+    """(the update's arrays, '') or (None, why not): at most `slack` bytes per expected
+    element (float64 is 8) plus a header each, counted before anything is read, then each
+    tensor read as an .npy without pickle (an object array, or bytes that are no .npy,
+    is named, not raised)."""
+    if not isinstance(tensors, (list, tuple)) or not all(
+            isinstance(t, (bytes, bytearray)) for t in tensors):
+        return None, "the update is not a list of serialised tensors"
+    cap = slack * sum(math.prod(s) for s in shapes) + 1024 * (len(shapes) + 1)
+    size = sum(len(t) for t in tensors)
+    if size > cap:
+        return None, f"the update is {size} bytes, above the {cap} an adapter takes"
+    arrays = []
+    for i, tensor in enumerate(tensors):
+        array, problem = _read_npy(bytes(tensor))
+        if problem:
+            return None, f"tensor {i} {problem}"
+        arrays.append(array)
+    return arrays, ""
+
+
+def _read_npy(data: bytes) -> tuple[np.ndarray | None, str]:
+    """One .npy array from `data`, its header checked before numpy allocates what the
+    header claims (a header may claim terabytes): a plain dtype, and exactly the bytes
+    its shape needs."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(fp)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as err:
+        return None, f"is not an .npy array ({str(err)[:60]})"
+    if dtype.hasobject:
+        return None, "is an object array (it would need pickle to read)"
+    need = math.prod(shape) * dtype.itemsize
+    if need != len(data) - fp.tell():
+        return None, f"claims shape {shape} of {dtype}, {need} bytes; it holds " \
+                     f"{len(data) - fp.tell()}"
+    return np.load(io.BytesIO(data), allow_pickle=False), ""
 
 
 def check_arrays(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]],

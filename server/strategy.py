@@ -41,7 +41,8 @@ from flwr.server.strategy import Strategy
 
 from common.message_keys import Keys
 from common.names import check_name
-from server.inputs import bound_norm, check_arrays, check_metrics, check_weight
+from server.inputs import (bound_norm, check_arrays, check_ledger, check_metrics,
+                           check_weight, decode_arrays)
 
 log = logging.getLogger("fedcare.server")
 
@@ -155,7 +156,8 @@ class SiteAwareStrategy(Strategy):
         name is not its own, or its metrics are not what a site sends. Nothing else
         of a rejected reply is kept (its ledger, its values)."""
         name, problem = self.identify(proxy, metrics)
-        problem = problem or check_metrics(phase, metrics)
+        problem = problem or check_metrics(phase, metrics) or check_ledger(
+            metrics.get(Keys.LEDGER), metrics.get(Keys.LEDGER_HEAD))
         if problem:
             log.warning("%s reply of node %s (%s) rejected: %s", phase, proxy.cid, name,
                         problem)
@@ -200,15 +202,15 @@ class SiteAwareStrategy(Strategy):
         secure = self.secure(server_round)
         accepted, rows, rejected = [], [], 0
         for proxy, res in results:
-            if self.observe is not None:
+            arrays, unread = decode_arrays(res.parameters.tensors, self.shapes)
+            if self.observe is not None and arrays is not None:
                 self.observe(server_round, str(dict(res.metrics).get(Keys.SITE, "")),
-                             self.sent.get(server_round, []),
-                             parameters_to_ndarrays(res.parameters))
+                             self.sent.get(server_round, []), arrays)
             row, problem = self._row("train", proxy, dict(res.metrics), res.num_examples)
             if not problem and row.get(Keys.REFUSED):
                 row["status"] = "refused"
             elif not problem:
-                problem = self.check_update(res, server_round, secure)
+                problem = unread or self.check_update(res, arrays, server_round, secure)
                 row["status"] = f"rejected: {problem}" if problem else "accepted"
                 if problem:
                     log.warning("round %s: update of %s rejected: %s",
@@ -246,18 +248,23 @@ class SiteAwareStrategy(Strategy):
                 [a.astype(d, copy=False) for a, d in zip(arrays, self.dtypes)])
         return parameters, metrics
 
-    def check_update(self, res: FitRes, server_round: int = 0, secure: bool = False) -> str:
-        """'' if the update may be averaged (then `res` holds it as it will be: frozen
-        tensors filled in, its weight capped, its change norm-bounded), else why not.
-        Under SecAgg+ `res` holds the secure mean: the checks are the aggregate's."""
+    def check_update(self, res: FitRes, arrays: list[np.ndarray], server_round: int = 0,
+                     secure: bool = False) -> str:
+        """'' if the update (`arrays`, as read from `res`) may be averaged (then `res`
+        holds it as it will be: frozen tensors filled in, its weight capped, its change
+        norm-bounded), else why not. Under SecAgg+ `res` holds the secure mean: the
+        checks are the aggregate's."""
         weight, problem = check_weight(res.num_examples, self.max_weight)
-        arrays = parameters_to_ndarrays(res.parameters)
         problem = problem or check_arrays(arrays, self.shapes, self.dtypes,
                                           set(self.frozen(server_round)))
         if problem:
             return problem
         res.num_examples = weight
-        res.parameters = self._keep_frozen(server_round, res.parameters)
+        if self.dtypes is not None:  # an integer tensor as the adapter keeps it: Flower's
+            # in-place FedAvg scales it by its share cast to an integer, i.e. by 0
+            arrays = [a if a.dtype.kind == "f" else a.astype(d)
+                      for a, d in zip(arrays, self.dtypes)]
+        res.parameters = self._keep_frozen(server_round, ndarrays_to_parameters(arrays))
         sent = self.sent.get(server_round)
         if self.norm_bound > 0 and sent is not None:
             bounded, norm = bound_norm(parameters_to_ndarrays(res.parameters), sent,
@@ -277,11 +284,13 @@ class SiteAwareStrategy(Strategy):
         for proxy, res in results:
             row, problem = self._row("evaluate", proxy, dict(res.metrics), res.num_examples)
             if not problem and not (isinstance(res.num_examples, int)
+                                    and not isinstance(res.num_examples, bool)
                                     and 0 <= res.num_examples <= self.max_weight):
-                problem = f"num_examples {res.num_examples!r} is not a count"
+                problem = f"num_examples {str(res.num_examples)[:20]} is not a count"
                 row = {Keys.SITE: row[Keys.SITE], "status": f"rejected: {problem}"}
             rows.append(row)
             if not problem and res.num_examples > 0:
+                res.loss = math.nan  # a site sends no loss: nothing there is used
                 weighted.append((proxy, res))
         rows += self._failed("evaluate", server_round, failures,
                              {str(p.cid) for p, _ in results}, set())

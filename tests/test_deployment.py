@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from common.privacy import accounting
 from common.privacy.approvals import bundle_sha256
 from common.privacy.ledger import LEDGER_FILE
 from common.privacy.signing import PUBLIC_KEY_FILE, load_or_create_site_key
@@ -183,7 +184,8 @@ def toml_string(value: str | Path) -> str:
     return f"'{value}'"
 
 
-def write_run_config(path: Path, model: Path, test_file: Path, out_dir: Path) -> Path:
+def write_run_config(path: Path, model: Path, test_file: Path, out_dir: Path,
+                     rounds: int = 2) -> Path:
     """The operator's run config (`flwr run --run-config FILE`): TOML sections are
     flattened by Flower to the `section.key` names declared in pyproject.toml. Values
     from tests/conftest.py `tiny_config`, so that two rounds take seconds of training."""
@@ -207,7 +209,7 @@ learning_rate = 0.05
 chunk_size = 8
 threads = 1
 [federation]
-num_rounds = 2
+num_rounds = {rounds}
 min_sites = 3                        # wait for all three; SecAgg+ is on from 3 sites
 [simulation]
 output_dir = {toml_string(out_dir)}  # absolute: else relative to the SuperLink's cwd
@@ -215,33 +217,70 @@ output_dir = {toml_string(out_dir)}  # absolute: else relative to the SuperLink'
     return path
 
 
-def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
-    from peft import PeftModel
-    from common.model import build_base
+class Deployment:
+    """The operator, the hospitals and their processes on loopback, brought up as the
+    guide tells it (steps 1 to 4): certificates, the SuperLink, the hospitals' keys
+    registered, each hospital's files, approval, SuperNode and ClientApp process."""
 
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    operator = tmp_path / "operator"  # the operator's FEDCARE_DIR
-    hospitals = tmp_path / "hospitals"  # hospitals/<site>: each hospital's FEDCARE_DIR
-    elsewhere = tmp_path / "elsewhere"  # the folder every command runs from
-    elsewhere.mkdir()
-    op_env = fedcare_env(operator)
-    procs = Processes(tmp_path / "logs")
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.operator = tmp_path / "operator"  # the operator's FEDCARE_DIR
+        self.hospitals = tmp_path / "hospitals"  # hospitals/<site>: each one's FEDCARE_DIR
+        self.elsewhere = tmp_path / "elsewhere"  # the folder every command runs from
+        self.elsewhere.mkdir()
+        self.op_env = fedcare_env(self.operator)
+        self.procs = Processes(tmp_path / "logs")
+        self.envs: dict[str, dict] = {}
 
-    def bash(name: str, command: str, env: dict, cwd: Path = elsewhere,
+    def mark(self, what: str) -> None:
+        self.timings[what] = time.monotonic() - self.t0
+
+    def bash(self, name: str, command: str, env: dict, cwd: Path | None = None,
              timeout: float = 120) -> str:
         """Run a guide command to completion; its output (it must exit 0)."""
-        rc = procs.run(name, ["bash", "-c", "set -e\n" + command], cwd, env, timeout)
-        out = procs.log(name).read_text(errors="replace")
+        rc = self.procs.run(name, ["bash", "-c", "set -e\n" + command],
+                            cwd or self.elsewhere, env, timeout)
+        out = self.procs.log(name).read_text(errors="replace")
         assert rc == 0, f"{name} exited {rc}:\n{command}\n{out}"
         return out
 
-    def loopback(command: str) -> str:
-        return command.replace(GUIDE_ADDRESS, address)
+    def loopback(self, command: str) -> str:
+        return command.replace(GUIDE_ADDRESS, self.address)
 
-    try:
+    def start_superlink(self, name: str = "superlink") -> None:
+        """The guide's SuperLink (TLS, SuperNode auth, no runtime installs, its state
+        in a database), on loopback; returns once it listens."""
+        superlink = guide_command("flower-superlink")
+        assert "--host 0.0.0.0 --port 8000" in superlink
+        self.procs.start(name, ["bash", "-c", "exec " + superlink.replace(
+            "--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {self.port}")],
+            self.elsewhere, self.op_env)
+        wait_until(lambda: "Uvicorn running on https://" in
+                   self.procs.log(name).read_text(errors="replace")
+                   or self.procs.started[name].poll() is not None,
+                   60, "the SuperLink to listen")
+        assert self.procs.started[name].poll() is None, "the SuperLink exited"
+
+    def supernode(self, name: str, key: Path, ca: Path | None, node_config: str,
+                  env: dict, *extra: str, port: int = 0) -> subprocess.Popen:
+        args = [str(BIN / "flower-supernode"), "--superlink", self.address,
+                "--auth-supernode-private-key", str(key),
+                "--node-config", node_config, "--port", str(port or free_port()), *extra]
+        if ca is not None:
+            args += ["--root-certificates", str(ca)]
+        return self.procs.start(name, args, self.elsewhere, env)
+
+    def bring_up(self, intruders: bool = False) -> dict[str, tuple[subprocess.Popen, str]]:
+        """Steps 1 to 4; with `intruders`, two SuperNodes that must be turned away,
+        started so that their rejection overlaps the registrations: name -> (process,
+        what its log must say), for the caller to check."""
+        tmp_path, procs, bash, loopback = self.tmp_path, self.procs, self.bash, self.loopback
+        operator, hospitals, elsewhere = self.operator, self.hospitals, self.elsewhere
+        op_env, supernode, envs = self.op_env, self.supernode, self.envs
         # --- step 1: the operator's certificates and the hospitals' keys ----------------
         bash("certs-init", guide_command("fedcare certs init"), op_env)
         certs = operator / "certs"
@@ -250,14 +289,10 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         test_file = write_records(operator / "test.csv", 80, seed=99)
         trusted = operator / "trusted"  # the auditor's: handed over by the hospitals
         trusted.mkdir()
-        timings["certs"] = time.monotonic() - t0
+        self.mark("certs")
 
         # --- step 2: SuperLink (TLS, SuperNode auth, no runtime installs), connection -
-        superlink = guide_command("flower-superlink")
-        assert "--host 0.0.0.0 --port 8000" in superlink
-        procs.start("superlink", ["bash", "-c", "exec " + superlink.replace(
-            "--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")],
-            elsewhere, op_env)
+        self.start_superlink()
         connection = "\n".join([guide_command("flwr config list > /dev/null"),
                                 loopback(guide_command("grep -q '^\\[superlink\\.fedcare\\]'"))])
         bash("connection", connection + connection + "flwr config list\n", op_env)
@@ -266,50 +301,37 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         config_toml = (operator / "flwr" / "config.toml").read_text()
         assert config_toml.count("[superlink.fedcare]") == 1
         assert "[superlink.local]" in config_toml  # Flower's own connections are kept
-        wait_until(lambda: "Uvicorn running on https://" in
-                   procs.log("superlink").read_text(errors="replace")
-                   or procs.started["superlink"].poll() is not None,
-                   60, "the SuperLink to listen")
-        assert procs.started["superlink"].poll() is None, "the SuperLink exited"
-        timings["superlink_up"] = time.monotonic() - t0
+        self.mark("superlink_up")
 
         # --- SuperNodes: two intruders that must be turned away ---------------------
-        def supernode(name: str, key: Path, ca: Path | None, node_config: str,
-                      env: dict, *extra: str, port: int = 0) -> subprocess.Popen:
-            args = [str(BIN / "flower-supernode"), "--superlink", address,
-                    "--auth-supernode-private-key", str(key),
-                    "--node-config", node_config, "--port", str(port or free_port()), *extra]
-            if ca is not None:
-                args += ["--root-certificates", str(ca)]
-            return procs.start(name, args, elsewhere, env)
-
-        # intruders first, so that their rejection overlaps the registrations
-        bad_config = (f"site='{INTRUDER}' data-file={toml_string(tmp_path / 'x.csv')} "
-                      f"state-dir={toml_string(tmp_path / 'x-state')} epsilon-budget=100.0")
-        bounded = ("--max-retries", "2", "--max-wait-time", "20")
-        intruders = {
-            # a well-formed key the operator never registered
-            "intruder-unregistered": (supernode("intruder-unregistered",
-                                                certs / "sites" / INTRUDER / "auth.key",
-                                                certs / "ca.crt", bad_config, op_env, *bounded),
-                                      "Failed to activate SuperNode"),
-            # a registered key, but no CA: the SuperLink's certificate is not trusted
-            "intruder-no-ca": (supernode("intruder-no-ca", certs / "sites" / "site-a" / "auth.key",
-                                         None, bad_config, op_env, *bounded),
-                               "CERTIFICATE_VERIFY_FAILED"),
-        }
-        intruders_started = time.monotonic()
+        turned_away: dict = {}
+        if intruders:
+            # intruders first, so that their rejection overlaps the registrations
+            bad_config = (f"site='{INTRUDER}' data-file={toml_string(tmp_path / 'x.csv')} "
+                          f"state-dir={toml_string(tmp_path / 'x-state')} epsilon-budget=100.0")
+            bounded = ("--max-retries", "2", "--max-wait-time", "20")
+            turned_away = {
+                # a well-formed key the operator never registered
+                "intruder-unregistered": (supernode(
+                    "intruder-unregistered", certs / "sites" / INTRUDER / "auth.key",
+                    certs / "ca.crt", bad_config, op_env, *bounded),
+                    "Failed to activate SuperNode"),
+                # a registered key, but no CA: the SuperLink's certificate is not trusted
+                "intruder-no-ca": (supernode(
+                    "intruder-no-ca", certs / "sites" / "site-a" / "auth.key", None,
+                    bad_config, op_env, *bounded), "CERTIFICATE_VERIFY_FAILED"),
+            }
+            self.intruders_started = time.monotonic()
 
         # --- step 3: the operator registers the hospitals' keys, noting their ids -----
         bash("register", guide_command("for site in site-a site-b site-c; do"), op_env)
         nodes = dict(line.split() for line in (operator / "nodes.txt").read_text().splitlines())
         assert sorted(nodes) == sorted(BUDGETS) and all(i.isdigit() for i in nodes.values())
-        timings["registered"] = time.monotonic() - t0
+        self.mark("registered")
 
         # --- step 4: each hospital's files, policy and SuperNode ---------------------
         receive = "".join(guide_command(first) for first in (
             'mkdir -p "$FEDCARE_DIR/certs/sites/site-a"', "cp ca.crt ", "install -m 600 auth.key"))
-        envs = {}
         for i, (site, budget) in enumerate(BUDGETS.items()):
             home = hospitals / site
             envs[site] = env = fedcare_env(home)
@@ -364,6 +386,26 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         for site in BUDGETS:  # the hospital's own ClientApp process beside each SuperNode
             procs.start(f"clientapp-{site}", ["bash", "-c", "exec " + clientapp.replace(
                 "9094", str(ports[site]))], elsewhere, envs[site])
+        self.certs, self.model, self.test_file, self.trusted = certs, model, test_file, trusted
+        self.nodes, self.app_hash, self.ports = nodes, app_hash, ports
+        return turned_away
+
+
+def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
+    from peft import PeftModel
+    from common.model import build_base
+
+    deployment = Deployment(tmp_path)
+    procs, bash, elsewhere, op_env = (deployment.procs, deployment.bash, deployment.elsewhere,
+                                      deployment.op_env)
+    operator, hospitals, envs, t0 = (deployment.operator, deployment.hospitals,
+                                     deployment.envs, deployment.t0)
+    timings = deployment.timings
+    try:
+        intruders = deployment.bring_up(intruders=True)
+        intruders_started = deployment.intruders_started
+        model, test_file, trusted = deployment.model, deployment.test_file, deployment.trusted
+        nodes, app_hash, ports = deployment.nodes, deployment.app_hash, deployment.ports
         # another local process without the secret, polling site-a's Runtime API too
         procs.start("clientapp-no-secret", [str(BIN / "fedcare"), "site", "clientapp",
                                             str(hospitals / "site-a" / "state"),
@@ -508,3 +550,106 @@ def test_three_hospitals_train_over_tls_and_intruders_are_kept_out(tmp_path):
         procs.stop_all()
         print("timings (s since start): "
               + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()), file=sys.stderr)
+
+
+RESUMED_RUN = "ward-study-1"  # the guide's run name
+
+
+@pytest.mark.skipif(os.environ.get("FEDCARE_DEPLOYED_RESUME") != "1",
+                    reason="a second deployment (~5 min on 2 cores): .ci/run sets "
+                           "FEDCARE_DEPLOYED_RESUME=1")
+def test_a_deployed_run_killed_after_round_one_resumes_and_no_site_releases_twice(tmp_path):
+    """The same federation; the operator names a 3-round run as the guide says, the
+    SuperLink and its ServerApp are killed (SIGKILL) once round 1 is checkpointed and a
+    hospital has released round 2, the SuperLink is started again on its database and
+    the run is resumed with the guide's command. It must end `finished:completed` in
+    the same run directory, no hospital may have released any (round, kind) twice,
+    every ledger verifies against the pinned keys, and each hospital's ε is what an
+    uninterrupted run plans: its size release and three rounds at the σ fixed in round 1."""
+    from server import checkpoint
+
+    deployment = Deployment(tmp_path)
+    procs, operator, hospitals = deployment.procs, deployment.operator, deployment.hospitals
+    try:
+        deployment.bring_up()
+        out_dir = operator / "runs"
+        write_run_config(operator / "run.toml", deployment.model, deployment.test_file,
+                         out_dir, rounds=3)
+        resume = guide_command('flwr run "$FEDCARE_APP" fedcare --run-config '
+                               '"$FEDCARE_DIR/run.toml" \\')
+        assert "federation.resume=true" in resume and RESUMED_RUN in resume, resume
+        named = resume.replace(" federation.resume=true", "")  # the same run, first started
+        procs.start("flwr-run", ["bash", "-c", named], deployment.elsewhere, deployment.op_env)
+        run_dir = out_dir / RESUMED_RUN
+        ledgers = {site: hospitals / site / "state" / LEDGER_FILE for site in BUDGETS}
+
+        def released(site: str) -> list[tuple[str, int]]:
+            if not ledgers[site].is_file():
+                return []
+            return [(e["kind"], e["round"]) for e in map(json.loads,
+                                                         ledgers[site].read_text().splitlines())
+                    if e["kind"] in ("size", "train", "evaluate")]
+
+        def mid_round_two() -> bool:  # round 1 checkpointed, round 2 under way at a site
+            return (run_dir / checkpoint.CHECKPOINT_FILE).is_file() and any(
+                ("train", 2) in released(site) for site in BUDGETS)
+
+        wait_until(mid_round_two, RUN_TIMEOUT, "round 1's checkpoint and a round-2 release",
+                   interval=0.2)
+        superlink = procs.started["superlink"]
+        os.killpg(superlink.pid, signal.SIGKILL)  # the SuperLink, its SuperExec, the ServerApp
+        superlink.wait(timeout=30)
+        stopped_after = checkpoint.load(run_dir).round
+        assert stopped_after in (1, 2) and not (run_dir / "summary.json").exists()
+        procs.run("flwr-run-wait", ["bash", "-c", f"while kill -0 {procs.started['flwr-run'].pid}"
+                                    " 2>/dev/null; do sleep 1; done"],
+                  deployment.elsewhere, deployment.op_env, 120)  # the stream sees the link go
+        deployment.mark("killed")
+
+        deployment.start_superlink("superlink-again")  # the same database: nodes, keys
+        rc = procs.run("flwr-run-resumed", ["bash", "-c", resume], deployment.elsewhere,
+                       deployment.op_env, RUN_TIMEOUT)
+        deployment.mark("resumed_done")
+        stream = procs.log("flwr-run-resumed").read_text(errors="replace")
+        assert rc == 0 and "Exit Code" not in stream, stream
+        assert f"resuming after round {stopped_after} of 3" in stream, stream
+        started = re.search(r"Successfully started run (\d+)", stream)[1]
+        deployment.bash("flwr-ls", "flwr ls fedcare --format json", deployment.op_env)
+        listed = json.loads(procs.log("flwr-ls").read_text())
+        status = {str(r["run-id"]): r["status"] for r in listed["runs"]}
+        assert status[started] == "finished:completed", listed
+
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["rounds"] == 3 and summary["sites"] == sorted(BUDGETS)
+        assert summary["rounds_aggregated"] == 3, summary
+        assert summary["audit"]["verified"] is True
+        assert verify_path(run_dir, deployment.trusted).ok
+        for site in BUDGETS:
+            own = verify_path(ledgers[site], deployment.trusted)
+            assert own.ok and own.sites[0].keys_pinned, [p.message for p in own.problems]
+            assert released(site) == [("size", 1), ("train", 1), ("train", 2), ("train", 3)], \
+                (site, released(site))  # each (kind, round) once: nothing released twice
+            entries = [json.loads(line) for line in ledgers[site].read_text().splitlines()]
+            size = next(e for e in entries if e["kind"] == "size")
+            train = [e for e in entries if e["kind"] == "train"]
+            assert {e["run_id"] for e in train} == {RESUMED_RUN}
+            assert len({e["noise_multiplier"] for e in train}) == 1  # σ fixed in round 1
+            plan = [(size["noise_multiplier"], 1.0, 1)] + [
+                (train[0]["noise_multiplier"], train[0]["sample_rate"], train[0]["steps"])] * 3
+            planned = accounting.epsilon(plan, train[0]["delta"])
+            assert train[-1]["epsilon"] == pytest.approx(planned, rel=1e-6), site
+            assert summary["epsilon_per_site"][site] == pytest.approx(planned, rel=1e-6)
+            assert planned <= min(BUDGETS[site], RUN_CAPS[site] or TARGET_EPSILON) + 1e-9
+            assert (run_dir / "ledgers" / f"{site}.jsonl").read_text() == \
+                ledgers[site].read_text()
+        asked_again = [site for site in BUDGETS if "asked again for its" in
+                       procs.log(f"clientapp-{site}").read_text(errors="replace")]
+        if stopped_after == 1:  # round 2 was released before the kill: sent again, not redone
+            assert asked_again, "no hospital said it sent a released round again"
+    except BaseException:
+        print(procs.tails(), file=sys.stderr)
+        raise
+    finally:
+        procs.stop_all()
+        print("timings (s since start): " + ", ".join(
+            f"{k}={v:.1f}" for k, v in deployment.timings.items()), file=sys.stderr)

@@ -144,8 +144,11 @@ def test_under_secure_aggregation_a_rejected_sender_voids_the_sum():
 def test_hostile_replies_reach_the_run_log_and_summary_without_crashing_it(tmp_path):
     recorder = RunRecorder(tmp_path / "run", Config(), out=open("/dev/null", "w"))
     strategy = _strategy(recorder.record)
-    ledger = json.dumps({"epsilon": 1e308, "epsilon_budget": -3}) + "\nnot json\n"
-    strategy.aggregate_fit(1, [_fit("1", "site-a", epsilon=2.0, ledger=ledger),
+    # a ledger the server can read back, whose figures are absurd: the auditor's finding
+    ledger = json.dumps({"seq": 1, "hash": "a" * 64, "epsilon": 1e308,
+                         "epsilon_budget": -3}) + "\n"
+    strategy.aggregate_fit(1, [_fit("1", "site-a", epsilon=2.0, ledger=ledger,
+                                    ledger_head="1:" + "a" * 64),
                                _fit("2", "../../etc", epsilon=1.0),
                                _fit("3", "site-b", epsilon="NaN")], [])
     strategy.aggregate_evaluate(1, [

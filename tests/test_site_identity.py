@@ -25,7 +25,9 @@ def _strategy(rows: list):
 
 def _fit(node: str, site, value: float = 1.0, dtype=np.float32, n: int = 10):
     arrays = [np.full(s, value, dtype=dtype) for s in SHAPES]
-    metrics = {Keys.SITE: site, Keys.REFUSED: "", Keys.LEDGER: "{}", Keys.LEDGER_HEAD: "0:ab"}
+    ledger = '{"seq": 0, "hash": "%s"}\n' % ("ab" * 32)  # one entry, and its head
+    metrics = {Keys.SITE: site, Keys.REFUSED: "", Keys.LEDGER: ledger,
+               Keys.LEDGER_HEAD: "0:" + "ab" * 32}
     return SimpleNamespace(cid=node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays),
                                              n, metrics)
 
