@@ -167,11 +167,11 @@ def train_private(model, data: Rows, step: PrivateStep, learning_rate: float,
                 losses.append(private_batch(gsm, optimizer, data, sampled, chunk_size,
                                             device, canaries))
                 examples += len(sampled)
-                continue
-            groups = [patients.pick(u, generator) for u in sampled]
-            losses.append(private_batch(gsm, optimizer, data, groups, chunk_size, device,
-                                        canaries, patients.reduction))
-            examples += sum(map(len, groups))
+            else:
+                groups = [patients.pick(u, generator) for u in sampled]
+                losses.append(private_batch(gsm, optimizer, data, groups, chunk_size,
+                                            device, canaries, patients.reduction))
+                examples += sum(map(len, groups))
             if progress:
                 progress(k + 1, losses[-1])
     finally:

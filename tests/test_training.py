@@ -57,6 +57,16 @@ def test_a_dp_step_changes_lora_and_head_and_nothing_else(setup):
     GradSampleModule(model)._close()
 
 
+def test_progress_is_told_of_every_step_that_trained_on_records(setup):
+    """The bench times DP steps by these calls: a record-level step reports too."""
+    model, data = setup
+    calls = []
+    stats = train_private(model, data, PrivateStep(1.0, 0.5, 3, 1.0), 0.05, 8, DEVICE,
+                          accounting.make_accountant([]), torch.Generator().manual_seed(1),
+                          progress=lambda k, loss: calls.append((k, loss)))
+    assert [k for k, _ in calls] == [1, 2, 3] and stats.empty_batches == 0
+    assert all(np.isfinite(loss) for _, loss in calls)
+
 
 def _private_round(model, data, sigma, q, steps, seed):
     accountant = accounting.make_accountant([])
