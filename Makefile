@@ -1,6 +1,7 @@
 # fedcare: two commands from a fresh machine with Python 3.11+ and pip.
 #   make demo   set up .venv, then simulate 4 private hospitals on the embedded data
 #   make test   set up .venv, then run the whole test suite
+#   make gpu-check  the device paths on this machine's GPU (CPU parts only without CUDA)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test flwr-run clean bench bench-quick
+.PHONY: install demo test gpu-check flwr-run clean bench bench-quick
 
 install: $(STAMP)
 
@@ -27,6 +28,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# one line per device check, then "N passed, N failed"; under 5 min on one GPU (docs/benchmarks.md)
+gpu-check: install
+	$(BIN)/python -m simulations.gpu_check
 
 # the same defaults through Flower's own runner (local simulation, project-local Flower home)
 flwr-run: install

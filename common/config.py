@@ -364,6 +364,12 @@ class FederationConfig:
 class SimulationConfig:
     num_sites: int = 4
     cpus_per_site: float = field(default=1.0, metadata={"help": "Ray CPUs per site actor."})
+    gpus_per_site: float = field(
+        default=0.0, metadata={"help": "Where sites train on a GPU (train.device cuda, or "
+                                       "auto with CUDA): the share of it each site actor "
+                                       "reserves, in [0, 1]; 0.3 lets three sites train at "
+                                       "once on one GPU, 1 one at a time. 0 = an even share "
+                                       "(1/num_sites). Ignored on the CPU."})
     output_dir: str = field(default="runs", metadata={"help": "Where run directories go."})
     run_name: str = field(default="", metadata={"help": "Run directory name; '' = timestamp."})
     canaries: str = field(
@@ -374,6 +380,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         _check(self.num_sites >= 1, "simulation.num_sites", self.num_sites, ">= 1")
         _check(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+        _check(0.0 <= self.gpus_per_site <= 1.0, "simulation.gpus_per_site",
+               self.gpus_per_site, "in [0, 1] (a share of one GPU; 0 = 1/num_sites)")
         if self.run_name:  # it names the run's folder, and the sites' folders under it
             try:
                 check_name("simulation.run_name", self.run_name)

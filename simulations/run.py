@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.config import Config, check_simulation
+from common.config import Config, SimulationConfig, check_simulation
 
 
 def prepare(cfg: Config, run_dir: Path) -> Config:
@@ -22,6 +22,17 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
         state = str(run_dir / "site_state")
         cfg = dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, state_dir=state))
     return cfg
+
+
+def site_resources(sim: SimulationConfig, device: str, cuda: bool) -> dict[str, float]:
+    """What Ray reserves for each site actor: simulation.cpus_per_site CPUs and, where
+    the sites train on a GPU (`device` not cpu and `cuda` available), their share of
+    it, simulation.gpus_per_site or else 1/num_sites. The shares decide how many sites
+    Ray lets train on the GPU at once; each site's memory is its own to fit."""
+    gpus = 0.0
+    if device != "cpu" and cuda:
+        gpus = sim.gpus_per_site or 1.0 / sim.num_sites
+    return {"num_cpus": sim.cpus_per_site, "num_gpus": gpus}
 
 
 def quiet_libraries() -> None:
@@ -93,9 +104,11 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
                            "run: choose another simulation.run_name or --run-dir")
     cfg = prepare(cfg, run_dir)
     sim = cfg.simulation
-    resources = {"num_cpus": sim.cpus_per_site, "num_gpus": 0.0}
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        resources["num_gpus"] = 1.0 / sim.num_sites  # sites share the GPU
+    resources = site_resources(sim, cfg.train.device, torch.cuda.is_available())
+    if sim.gpus_per_site and not resources["num_gpus"]:
+        why = "train.device is cpu" if cfg.train.device == "cpu" else "no CUDA device here"
+        print(f"note: simulation.gpus_per_site ({sim.gpus_per_site:g}) is ignored: {why}",
+              flush=True)
     flower, contained = logging.getLogger("flwr"), _ContainedSiteFailures()
     if not verbose:
         flower.setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny BERT written to disk as a local model folder, and small
-labelled CSV files. Nothing downloads."""
+labelled CSV files (simulations/tiny.py, which the device check shares). Nothing
+downloads."""
 
 from __future__ import annotations
 
@@ -8,50 +9,16 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-WORDS = ("fever cough chest pain fracture femur rash skin itch anxiety depression "
-         "insomnia diabetes thyroid kidney stone pregnancy nausea headache migraine").split()
-LABELS = ("respiratory", "injury", "skin", "mental")
-# each label has cue words; every record mixes cues of its label with noise words
-CUES = {"respiratory": ("fever", "cough", "chest"), "injury": ("fracture", "femur", "pain"),
-        "skin": ("rash", "skin", "itch"), "mental": ("anxiety", "depression", "insomnia")}
+from simulations.tiny import CUES, LABELS, WORDS, write_records, write_tiny_model
 
-
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(str(directory / "vocab.txt")).save_pretrained(str(directory))
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)  # deterministic gradients
-    BertModel(config).save_pretrained(str(directory))  # an encoder, like the embedded MiniLM
-    return directory
+__all__ = ["CUES", "LABELS", "WORDS", "tiny_config", "write_patient_records", "write_records",
+           "write_tiny_model"]  # the tests import these from here
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
-
-
-def write_records(path: Path, n: int, seed: int, skew: str | None = None) -> Path:
-    """CSV of n records; `skew` makes one label three times as common."""
-    rng = random.Random(seed)
-    weights = [3 if label == skew else 1 for label in LABELS]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["note", "diagnosis"])
-        for _ in range(n):
-            label = rng.choices(LABELS, weights)[0]
-            words = [rng.choice(CUES[label]) for _ in range(2)] + rng.sample(WORDS, 2)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
-    return path
 
 
 def write_patient_records(path: Path, patients: int, seed: int, prefix: str = "p",

@@ -139,3 +139,26 @@ def test_krum_with_enough_sites_for_its_faulty_share_passes():
                                            "faulty_share": share},
                             "simulation": {"num_sites": sites}})
         assert check_simulation(cfg) is cfg
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "half"])
+def test_a_gpu_share_outside_zero_to_one_is_refused_by_name(value):
+    with pytest.raises(ConfigError, match=r"simulation\.gpus_per_site must be (in \[0, 1\] "
+                                          r"\(a share of one GPU; 0 = 1/num_sites\)|a number)"):
+        from_mapping({"simulation": {"gpus_per_site": value}})
+
+
+@pytest.mark.parametrize("share, device, cuda, gpus", [
+    (0.0, "cuda", True, 1 / 3),   # the default: the GPU shared evenly by the 3 sites
+    (0.0, "auto", True, 1 / 3),
+    (0.3, "cuda", True, 0.3),     # as set: three sites at once on one GPU
+    (1.0, "auto", True, 1.0),     # one site at a time
+    (0.3, "cpu", True, 0.0),      # the sites train on the CPU: no GPU is reserved
+    (0.3, "auto", False, 0.0),    # no CUDA device
+])
+def test_each_site_reserves_its_cpus_and_its_share_of_the_gpu(share, device, cuda, gpus):
+    from simulations.run import site_resources
+
+    sim = from_mapping({"simulation": {"num_sites": 3, "cpus_per_site": 2,
+                                       "gpus_per_site": share}}).simulation
+    assert site_resources(sim, device, cuda) == {"num_cpus": 2.0, "num_gpus": pytest.approx(gpus)}
