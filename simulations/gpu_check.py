@@ -327,16 +327,21 @@ def mechanism(module, rows, batch: int, lr: float, machine: Machine, patients=No
             "one CPU seed one noise")
 
 
+def _dp_step(module, data, batch: int, lr: float, rows: int, machine: Machine) -> str:
+    """The mechanism's figures, per-sample gradients against the batch-1 loop on the
+    first `rows` records, and the DP/plain cost, for one shape."""
+    said = mechanism(module, data, batch, lr, machine)
+    gap = per_sample_gap(module, data, list(range(rows)), machine.device)
+    expect(gap <= ATOL, f"{said}; per-sample grads differ from the batch-1 loop by {gap:.1e}")
+    return (f"{said}; per-sample grads = batch-1 loop, max |diff| {gap:.1e}; "
+            + cost(module, data, batch, lr, machine))
+
+
 def dp_step_lora(machine: Machine) -> str:
     from common.config import TrainConfig
 
     model, data = machine.icd_model()
-    lr, batch = TrainConfig().learning_rate, machine.sizes.batch
-    said = mechanism(model, data, batch, lr, machine)
-    gap = per_sample_gap(model, data, list(range(8)), machine.device)
-    expect(gap <= ATOL, f"{said}; per-sample grads differ from the batch-1 loop by {gap:.1e}")
-    return (f"{said}; per-sample grads = batch-1 loop, max |diff| {gap:.1e}; "
-            + cost(model, data, batch, lr, machine))
+    return _dp_step(model, data, machine.sizes.batch, TrainConfig().learning_rate, 8, machine)
 
 
 def _head(machine: Machine):
@@ -351,12 +356,8 @@ def dp_step_head(machine: Machine) -> str:
     from common.config import TrainConfig
 
     head, feats = _head(machine)
-    lr, batch = TrainConfig().head_learning_rate, machine.sizes.head_batch
-    said = mechanism(head, feats, batch, lr, machine)
-    gap = per_sample_gap(head, feats, list(range(32)), machine.device)
-    expect(gap <= ATOL, f"{said}; per-sample grads differ from the batch-1 loop by {gap:.1e}")
-    return (f"{said}; per-sample grads = batch-1 loop, max |diff| {gap:.1e}; "
-            + cost(head, feats, batch, lr, machine))
+    return _dp_step(head, feats, machine.sizes.head_batch, TrainConfig().head_learning_rate,
+                    32, machine)
 
 
 def dp_step_patients(machine: Machine) -> str:
