@@ -260,11 +260,12 @@ class SiteAwareStrategy(Strategy):
         if problem:
             return problem
         res.num_examples = weight
-        if self.dtypes is not None:  # an integer tensor as the adapter keeps it: Flower's
-            # in-place FedAvg scales it by its share cast to an integer, i.e. by 0
-            arrays = [a if a.dtype.kind == "f" else a.astype(d)
-                      for a, d in zip(arrays, self.dtypes)]
-        res.parameters = self._keep_frozen(server_round, ndarrays_to_parameters(arrays))
+        if self.dtypes is not None and any(a.dtype.kind != "f" for a in arrays):
+            # an integer tensor as the adapter keeps it: Flower's in-place FedAvg scales
+            # it by its share cast to an integer, i.e. by 0
+            res.parameters = ndarrays_to_parameters(
+                [a if a.dtype.kind == "f" else a.astype(d) for a, d in zip(arrays, self.dtypes)])
+        res.parameters = self._keep_frozen(server_round, res.parameters)
         sent = self.sent.get(server_round)
         if self.norm_bound > 0 and sent is not None:
             bounded, norm = bound_norm(parameters_to_ndarrays(res.parameters), sent,
