@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import math
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from logging import INFO
@@ -170,6 +171,7 @@ class SiteTrainer:
         """Train one round; returns the update, its FedAvg weight and what the site
         states about it. A private site that will not release refuses: no update (under
         secure aggregation, a zero update of weight 0, so the masked sum still adds up)."""
+        begun = time.perf_counter()
         t, phase = self.cfg.train, self.phase(round_no)
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         metrics: dict = {Keys.SITE: self.site.name, Keys.PRIVATE: self.site.private,
@@ -226,7 +228,8 @@ class SiteTrainer:
             })
         self.say(f"round {round_no}: trained {phase.name}, {stats.steps} steps over "
                  f"{stats.examples} sampled records of {self.units} training "
-                 f"{self.site.policy.unit}s, loss {stats.loss:.4f} (kept here)")
+                 f"{self.site.policy.unit}s, loss {stats.loss:.4f}, in "
+                 f"{time.perf_counter() - begun:.2f} s (kept here)")
         metrics.update({Keys.STEPS: phase.steps,
                         Keys.BYTES_SENT: int(sum(a.nbytes for a in arrays))})
         return {"arrays": arrays, "num_examples": self._capped(weight, secure),

@@ -12,6 +12,10 @@ A site's log lines, as the site writes them:
     error <ref> (<code>): <message>        then its traceback (client/releases.py)
     node <id>                              the Flower node this site answers as
     <time> release refusal run=<run> round=<n> ... refused: <reason>; ε per <unit> spent ...
+    <time> round <n>: trained <phase>, ... in <seconds> s (kept here)
+
+The last is the site's own time for a round's fit (training, accounting, its ledger):
+the bench's orchestration section reads it, since the server is never told.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ REFERENCE = re.compile(r"reference ([0-9a-f]+)")
 # how a site words a refusal in its ledger (client/site.py): a round's training, or not
 # evaluating (personalising) it; the reason follows, the same from round to round
 PREFIX = re.compile(r"^\S+ (refuses|does not \w+) round \d+: (.*)$")
+TRAINED = re.compile(r"round (\d+): trained \w+, .* in ([0-9.]+) s \(kept here\)$")
 MAX_CAUSES = 3  # per site line; the rest are in the site's log
 
 
@@ -41,6 +46,7 @@ class SiteLog:
     nodes: set[str] = field(default_factory=set)
     refusals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     last: str = ""  # the last line the site logged that is not a traceback's
+    fit_seconds: dict[int, float] = field(default_factory=dict)  # round -> its fit's seconds
 
 
 def read_log(name: str, path: Path) -> SiteLog:
@@ -60,6 +66,8 @@ def read_log(name: str, path: Path) -> SiteLog:
         elif found := REFUSAL.search(line):
             key = (found.group(1), int(found.group(2)))
             site.refusals.setdefault(key, []).append(found.group(3))
+        elif found := TRAINED.search(line):
+            site.fit_seconds[int(found.group(1))] = float(found.group(2))
         site.last = line
     return site
 

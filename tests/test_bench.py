@@ -86,22 +86,39 @@ def _metrics_rows():
     def row(rnd, phase, wall, site, **extra):
         return {"round": rnd, "phase": phase, "wall_seconds": wall, "site": site, **extra}
     return [
-        row(1, "train", 40.0, "site0", train_seconds=20.0, status="accepted"),
-        row(1, "train", 40.0, "site1", train_seconds=30.0, status="accepted"),
+        row(1, "train", 40.0, "site0", status="accepted"),
+        row(1, "train", 40.0, "site1", status="accepted"),
         row(1, "evaluate", 50.0, "site0"), row(1, "evaluate", 50.0, "site1"),
         row(1, "evaluate", 50.0, "all"),
-        row(2, "train", 74.0, "site0", train_seconds=24.0, status="accepted"),
-        row(2, "train", 74.0, "site1", train_seconds=12.0, status="accepted"),
+        row(2, "train", 74.0, "site0", status="accepted"),
+        row(2, "train", 74.0, "site1", status="accepted"),
         row(2, "test", 76.0, "global"),
         row(2, "evaluate", 80.0, "site0"), row(2, "evaluate", 80.0, "site1"),
     ]
 
 
-def test_round_overheads_from_a_metrics_log(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _metrics_rows()))
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    out = round_overheads(rows)
+FITS = {1: {"site0": 20.0, "site1": 30.0}, 2: {"site0": 24.0, "site1": 12.0}}
+
+
+def _site_logs(run_dir, fits=FITS):
+    """The sites' own logs as SiteTrainer.fit words its line, among other lines."""
+    for rnd, by_site in fits.items():
+        for site, seconds in by_site.items():
+            log = run_dir / "site_state" / site / "site.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as out:
+                out.write(f"2026-12-05T01:00:00+00:00 round {rnd}: planned σ=1.2\n"
+                          f"2026-12-05T01:00:01+00:00 round {rnd}: trained head, 100 steps "
+                          f"over 51200 sampled records of 4400 training records, loss "
+                          f"1.2345, in {seconds:.2f} s (kept here)\n")
+
+
+def test_round_overheads_from_a_metrics_log_and_the_site_logs(tmp_path):
+    from simulations.bench.orchestration import site_fit_seconds
+
+    _site_logs(tmp_path)
+    assert site_fit_seconds(tmp_path) == FITS
+    out = round_overheads(_metrics_rows(), site_fit_seconds(tmp_path), slots=1)
     r1, r2 = out["rounds"]
     assert r1["round_seconds"] == pytest.approx(50.0)
     assert r1["slowest_train_seconds"] == pytest.approx(30.0)   # the slower site counts
@@ -114,21 +131,38 @@ def test_round_overheads_from_a_metrics_log(tmp_path):
     assert r1["server_test_seconds"] == pytest.approx(0.0)       # no test in round 1
     assert r2["overhead"] == pytest.approx(6.0 / 30.0)
     assert r2["fit_overhead"] == pytest.approx(0.0)
+    # one slot: the two sites train one after the other, 36 s of a 30 s round (< 0)
+    assert r2["packed_train_seconds"] == pytest.approx(36.0)
+    assert r2["overhead_beyond_packed"] == pytest.approx(-6.0 / 30.0)
     assert out["first_round_overhead"] == pytest.approx(0.4)
     assert out["steady_overhead"]["mean"] == pytest.approx(0.2)  # round 1 left out
     assert out["missing"] == []
+    two = round_overheads(_metrics_rows(), FITS, slots=2)["rounds"][1]
+    assert two["packed_train_seconds"] == pytest.approx(24.0)    # both at once: the slower
+    assert two["overhead_beyond_packed"] == pytest.approx(6.0 / 30.0)
 
 
-def test_round_overheads_names_what_the_log_lacks():
+def test_round_overheads_names_what_the_logs_lack():
     rows = [r for r in _metrics_rows() if not (r["phase"] == "evaluate" and r["round"] == 1)]
-    rows = [r for r in rows if not (r["round"] == 2 and r["phase"] == "train")] + [
-        {"round": 2, "phase": "train", "wall_seconds": 74.0, "site": "site0",
-         "status": "refused"}]
-    out = round_overheads(rows)
+    out = round_overheads(rows, {1: FITS[1]})  # round 2: no site logged a fit
     assert any("round 1" in m and "evaluate" in m for m in out["missing"])
-    assert any("round 2" in m and "train_seconds" in m for m in out["missing"])
+    assert any("round 2" in m and "fit time" in m for m in out["missing"])
     assert "overhead" not in out["rounds"][0] and "overhead" not in out["rounds"][1]
     assert out["steady_overhead"]["mean"] is None
+
+
+def test_scaling_judges_steady_seconds_per_site_without_the_test_evaluation():
+    from simulations.bench.scaling import linear_growth, steady_seconds
+
+    rounds = round_overheads(_metrics_rows(), FITS, slots=2)["rounds"]
+    assert steady_seconds(rounds) == pytest.approx(28.0)  # round 2 less its 2 s test
+    grows = [{"sites": 4, "steady_seconds_per_site": 1.0},
+             {"sites": 64, "steady_seconds_per_site": 1.3}, {"sites": 16, "error": "x"}]
+    assert linear_growth(grows)["ratio"] == pytest.approx(1.3)
+    assert linear_growth(grows)["status"] == targets.MISSED
+    grows[1]["steady_seconds_per_site"] = 0.8
+    assert linear_growth(grows)["status"] == targets.MET
+    assert linear_growth(grows[:1])["status"] == targets.NOT_RUN
 
 
 # -- the Markdown table --------------------------------------------------------------
@@ -201,11 +235,12 @@ def test_orchestration_table_shows_steady_share_and_the_servers_split():
     results = _results()
     run = {"sites": 4, "run_dir": "r", "error": None,
            "time_split_seconds": {"start_up": 3.0, "first_fit": 37.0, "fit": 24.0},
-           **round_overheads(_metrics_rows())}
-    results["sections"]["orchestration"] = {"runs": [run]}
+           **round_overheads(_metrics_rows(), FITS, slots=2), "target": targets.MET}
+    results["sections"]["orchestration"] = {"runs": [run], "slots": 2, "limit": 0.25}
     text = report.render(results)
     summary = _row(text, "4")  # the first table with a row for 4 sites: the summary
-    assert "| 20.0% |" in summary and summary.endswith("| 40.0% |")  # steady / round 1
+    assert "| 20.0% |" in summary and summary.endswith("| met | 40.0% |")  # steady / round 1
+    assert "sum of fits / 2 actor slots" in text
     assert "- 4 sites: start up 3 s, first fit 37 s, fit 24 s" in text
 
 

@@ -77,6 +77,11 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
         assert val["all"]["accuracy"] == pytest.approx(
             (n0 * val["site0"]["accuracy"] + n1 * val["site1"]["accuracy"]) / (n0 + n1))
     assert [r["round"] for r in rows if r["phase"] == "test"] == [2]
+    # each site's fit time stays in its own log, where the bench reads it
+    from simulations.bench.orchestration import site_fit_seconds
+    fits = site_fit_seconds(run)
+    assert set(fits) == {1, 2} and all(set(f) == {"site0", "site1"} for f in fits.values())
+    assert all(0 < s < summary["wall_seconds"] for f in fits.values() for s in f.values())
 
     config_text = (run / "config.yaml").read_text()
     assert "target_epsilon: 8.0" in config_text and "site_state" in config_text
