@@ -37,6 +37,7 @@ class Site:
     policy: Policy      # the site's own limits: nothing the server sends can raise them
     state_dir: Path | None  # the site's keys and ledger; None: under the run's directory
     private: bool = True  # a deployed site trains without DP only if its node config says so
+    feature_dir: Path | None = None  # its pooled-feature cache; None: <state_dir>/features
 
 
 def site_from_context(cfg: Config, context: Context) -> Site:
@@ -56,7 +57,9 @@ def site_from_context(cfg: Config, context: Context) -> Site:
                     max_records_per_patient=s.max_records_per_patient)
     state = (Path(node.state_dir) if node.state_dir
              else Path(s.state_dir) / name if s.state_dir else None)
-    return Site(name, data, label_names, policy, state, cfg.privacy.enabled)
+    features = (Path(cfg.simulation.feature_cache_dir) / name
+                if cfg.simulation.feature_cache_dir else None)  # this site's own, never shared
+    return Site(name, data, label_names, policy, state, cfg.privacy.enabled, features)
 
 
 def _simulated_data(cfg: Config, node: NodeConfig) -> tuple[SiteData, tuple[str, ...]]:

@@ -140,18 +140,28 @@ class SiteTrainer:
 
     def features(self, data: Encoded) -> Features:
         """Pooled features of `data` under the current encoder (base + LoRA), computed
-        once per encoder state and kept in the site's state folder, which only the site
-        reads: Flower may serve a site from a different process every round."""
+        once per encoder state and kept in the site's own folder (its state folder, or a
+        simulated site's `simulation.feature_cache_dir`/<site>), which only the site
+        reads: Flower may serve a site from a different process every round. The key is
+        the model config, the device, every record's token ids and the LoRA weights."""
         classifier = classifier_of(self.model)
         key = hashlib.sha256()
-        for part in (repr((self.cfg.model, len(data))), *map(repr, data.ids)):
+        for part in (repr((self.cfg.model, len(data), str(self.device))), *map(repr, data.ids)):
             key.update(part.encode())
         for name, param in self.model.named_parameters():
             if param.requires_grad and "lora_" in name:  # the encoder's trainable state
                 key.update(param.detach().cpu().numpy().tobytes())
-        path = self.site.state_dir / "features" / f"{key.hexdigest()[:32]}.safetensors"
-        return process_cached(("features", str(path)), lambda: _load_or_make_features(
-            path, data, lambda: pooled_features(classifier, data, self.device)))
+        folder = self.site.feature_dir or self.site.state_dir / "features"
+        path = folder / f"{key.hexdigest()[:32]}.safetensors"
+
+        def make() -> Features:
+            begun = time.perf_counter()
+            feats = pooled_features(classifier, data, self.device)
+            self.say(f"pooled features of {len(data)} records computed in "
+                     f"{time.perf_counter() - begun:.2f} s (kept in {folder})")
+            return feats
+        return process_cached(("features", str(path)),
+                              lambda: _load_or_make_features(path, data, make))
 
     def _rows_and_module(self, phase: Phase):
         if phase.name == "head":

@@ -372,6 +372,12 @@ class SimulationConfig:
                                        "(1/num_sites). Ignored on the CPU."})
     output_dir: str = field(default="runs", metadata={"help": "Where run directories go."})
     run_name: str = field(default="", metadata={"help": "Run directory name; '' = timestamp."})
+    feature_cache_dir: str = field(
+        default="", metadata={"help": "A folder where each simulated site keeps its pooled "
+                                      "features (<dir>/<site>/) across runs, so later runs "
+                                      "over the same records and model skip the encoder "
+                                      "pass; '' = in the site's state folder, for one run. "
+                                      "The bench sets it. A hospital's site never reads it."})
     canaries: str = field(
         default="", metadata={"help": "Set by `fedcare audit empirical`: a folder of canary "
                                       "records the simulated sites add to their training "

@@ -13,6 +13,7 @@ A site's log lines, as the site writes them:
     node <id>                              the Flower node this site answers as
     <time> release refusal run=<run> round=<n> ... refused: <reason>; ε per <unit> spent ...
     <time> round <n>: trained <phase>, ... in <seconds> s (kept here)
+    <time> pooled features of <n> records computed in <seconds> s (kept in <folder>)
 
 The last is the site's own time for a round's fit (training, accounting, its ledger):
 the bench's orchestration section reads it, since the server is never told.
@@ -35,6 +36,7 @@ REFERENCE = re.compile(r"reference ([0-9a-f]+)")
 # evaluating (personalising) it; the reason follows, the same from round to round
 PREFIX = re.compile(r"^\S+ (refuses|does not \w+) round \d+: (.*)$")
 TRAINED = re.compile(r"round (\d+): trained \w+, .* in ([0-9.]+) s \(kept here\)$")
+FEATURES = re.compile(r"pooled features of \d+ records computed in ([0-9.]+) s")
 MAX_CAUSES = 3  # per site line; the rest are in the site's log
 
 
@@ -47,6 +49,7 @@ class SiteLog:
     refusals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     last: str = ""  # the last line the site logged that is not a traceback's
     fit_seconds: dict[int, float] = field(default_factory=dict)  # round -> its fit's seconds
+    feature_seconds: float = 0.0  # computing pooled features (none when all were cached)
 
 
 def read_log(name: str, path: Path) -> SiteLog:
@@ -68,6 +71,8 @@ def read_log(name: str, path: Path) -> SiteLog:
             site.refusals.setdefault(key, []).append(found.group(3))
         elif found := TRAINED.search(line):
             site.fit_seconds[int(found.group(1))] = float(found.group(2))
+        elif found := FEATURES.search(line):
+            site.feature_seconds += float(found.group(1))
         site.last = line
     return site
 

@@ -229,6 +229,48 @@ def test_epsilon_accumulates_across_rounds_like_one_accountant(tiny_model, site_
     assert eps[1] > 0.9 * cfg.privacy.target_epsilon
 
 
+def test_a_simulated_site_reuses_its_own_features_across_runs_and_never_another_sites(
+        tiny_model, site_files, tmp_path, monkeypatch):
+    """simulation.feature_cache_dir: a later run over the same records loads what the
+    site computed before (the bench's saving); each site keeps its own folder."""
+    import common.data
+    from flwr.app import Context, RecordDict
+
+    from client.node import LOG_FILE, site_from_context
+
+    def trainer(run: str, partition: int) -> SiteTrainer:
+        monkeypatch.setattr(common.data, "_CACHE", {})  # a fresh process, as Ray's
+        cfg = tiny_config(tiny_model, site_files, train={"head_rounds": 1, "head_steps": 2,
+                                                          "head_batch_size": 16},
+                          site={"state_dir": str(tmp_path / run)},
+                          simulation={"num_sites": 2, "feature_cache_dir": str(cache)})
+        node = {"partition-id": partition, "num-partitions": 2}
+        return SiteTrainer(cfg, site_from_context(cfg, Context(
+            run_id=1, node_id=partition + 1, node_config=node, state=RecordDict(),
+            run_config=cfg.to_run_config())))
+
+    def computed(run: str, site: str) -> int:
+        log = (tmp_path / run / site / LOG_FILE).read_text()
+        return log.count("pooled features of ")
+
+    cache = tmp_path / "features"
+    first = trainer("run-a", 0)
+    first.fit(1, 1, "run-a")
+    assert computed("run-a", "site0") == 1
+    made = first.features(first.train_data).x
+    second = trainer("run-b", 0)
+    second.fit(1, 1, "run-b")
+    assert computed("run-b", "site0") == 0  # loaded from the site's folder, not made
+    torch.testing.assert_close(second.features(second.train_data).x, made)
+    assert not (tmp_path / "run-b" / "site0" / "features").exists()
+    other = trainer("run-a", 1)  # the other site: its own records, its own folder
+    other.fit(1, 1, "run-a")
+    assert computed("run-a", "site1") == 1
+    assert [len(list((cache / s).glob("*.safetensors"))) for s in ("site0", "site1")] == [1, 1]
+    assert {p.name for p in (cache / "site0").iterdir()}.isdisjoint(
+        p.name for p in (cache / "site1").iterdir())
+
+
 def test_a_head_round_trains_the_head_on_cached_features_and_leaves_lora_alone(
         tiny_model, site_files, tmp_path):
     cfg = tiny_config(tiny_model, site_files, train={"head_rounds": 1, "head_steps": 3,

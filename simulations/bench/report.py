@@ -121,12 +121,18 @@ def render_utility(s: dict) -> list[str]:
                      f"{c['accuracy'].get('n', 0)}" + (f" ({c['failed']} failed)"
                                                        if c.get("failed") else ""),
                      pm(c["accuracy"]), pm(c["macro_f1"]), num(delta, 1),
-                     pm(c.get("epsilon_max"), 2), pm(c["process_seconds"], 0)])
+                     pm(c.get("epsilon_max"), 2), pm(c["process_seconds"], 0),
+                     pm(c.get("site_feature_seconds"), 0)])
     out = [f"Seeds (data.seed): {seeds}; device {s.get('device')}. Every run is "
            "simulations/configs/default.yaml plus the overrides shown, so all take the same "
-           "rounds, local steps and batch. Test set: the held-out ICD-10 categories.", "",
+           "rounds, local steps and batch. Test set: the held-out ICD-10 categories. "
+           "A site computes its pooled features once per bench for the same records "
+           "(simulation.feature_cache_dir): the first run over a seed's sites pays that "
+           "pass, later ones load it; the last column is what each run's sites spent on it, "
+           "summed over sites.", "",
            *table(["configuration", "overrides", "runs", "test accuracy", "test macro-F1",
-                   "F1 points below fed. non-private", "ε (largest site)", "wall s / run"],
+                   "F1 points below fed. non-private", "ε (largest site)", "wall s / run",
+                   "site feature s / run"],
                   rows), "",
            *table(["target", "gap (macro-F1 points, paired by seed)", "limit", "result"],
                   [[g["name"], pm(g["gap_points"], 1), f"≤ {g['limit_points']:g}",

@@ -117,11 +117,18 @@ class SimRun:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def feature_seconds(self) -> float:
+        """Seconds the run's sites spent computing pooled features (0: all reused)."""
+        from simulations.site_logs import read_logs
+
+        return sum(log.feature_seconds for log in read_logs(self.run_dir / "site_state").values())
+
     def record(self) -> dict:
         """What results.json keeps of the run."""
         test = self.summary.get("test") or {}
         eps = self.summary.get("epsilon_per_site") or {}
         return {"run_dir": str(self.run_dir), "process_seconds": round(self.seconds, 2),
+                "site_feature_seconds": round(self.feature_seconds(), 2),
                 "wall_seconds": self.summary.get("wall_seconds"),
                 "peak_tree_rss_bytes": self.peak_tree_rss,
                 "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
@@ -141,6 +148,7 @@ class Bench:
         self.log = self.out / "bench.log"
         self._runs: dict[str, SimRun] = {}
         self._pinned: dict[Path, Path] = {}
+        self.feature_cache = self.out / "feature_cache"
 
     def config(self, path: Path = DEFAULT_CONFIG) -> Path:
         """The config at `path` resolved once per bench (every default written out) into
@@ -163,7 +171,9 @@ class Bench:
         on the bench's device, from the bench's pinned copy of `config`; the same
         (config, overrides, attack) runs once per bench. `attack`: one site's updates
         poisoned ({"site": partition id, "factor": f}, see robustness.PoisonSite)."""
-        overrides = {"train.device": self.device, **overrides}
+        # each site's pooled features, kept in its own folder across the bench's runs
+        overrides = {"train.device": self.device,
+                     "simulation.feature_cache_dir": str(self.feature_cache), **overrides}
         config = self.config(config)
         key = json.dumps([str(config), overrides] + ([attack] if attack else []),
                          sort_keys=True)

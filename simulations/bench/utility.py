@@ -87,6 +87,7 @@ def summarize(setup: Setup, runs: list[dict]) -> dict:
             "accuracy": targets.mean_sd(r["accuracy"] for r in ok),
             "macro_f1": targets.mean_sd(r["macro_f1"] for r in ok),
             "process_seconds": targets.mean_sd(r["process_seconds"] for r in ok),
+            "site_feature_seconds": targets.mean_sd(r.get("site_feature_seconds") for r in ok),
             "epsilon_max": targets.mean_sd(r["epsilon_max"] for r in ok),
             "failed": len(runs) - len(ok)}
 
