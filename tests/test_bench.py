@@ -264,6 +264,43 @@ def test_only_accepts_known_sections_in_bench_order():
         parse_only("utility,speed", quick=False)
 
 
+# -- resuming a bench ----------------------------------------------------------------
+def test_a_resumed_bench_keeps_its_finished_runs_configs_and_other_sections(tmp_path):
+    import simulations.bench.runner as runner
+    from simulations.bench.cli import main
+
+    out = tmp_path / "bench"
+    first = runner.Bench(out, "cpu", True, (0,))
+    pinned = first.config()
+    pinned.write_text(pinned.read_text() + "# as the first start resolved it\n")
+    key = json.dumps([str(pinned), {"train.device": "cpu",
+                                    "simulation.feature_cache_dir": str(out / "feature_cache"),
+                                    "data.seed": 0}], sort_keys=True)
+    run_dir = out / "runs" / "done-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"test": {"accuracy": 0.5}}))
+    (run_dir / runner.BENCH_RUN).write_text(json.dumps(
+        {"key": key, "seconds": 12.5, "peak_tree_rss": 3, "peak_processes": 2}))
+    said = []
+    again = runner.Bench(out, "cpu", True, (0,), echo=said.append, resume=True)
+    assert again.config().read_text().endswith("# as the first start resolved it\n")
+    run = again.simulate("done-seed0", {"data.seed": 0})  # no child process: kept
+    assert (run.seconds, run.summary["test"]["accuracy"], run.error) == (12.5, 0.5, None)
+    assert "kept" in said[-1]
+    assert runner._finished(run_dir, key.replace("seed\": 0", "seed\": 1")) is None  # redo
+    (out / "results.json").write_text(json.dumps(
+        {"mode": "quick", "started": "then", "sections": {"utility": {"configs": [], "gaps": []}},
+         "errors": {"accounting": "Traceback: boom"}}))
+    assert main(["--quick", "--only", "accounting", "--resume", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["sections"]) == {"utility", "accounting"}  # utility kept as it was
+    assert results["errors"] == {} and results["started"] == "then"
+    assert results["sections"]["accounting"]["commit"] == results["machine"]["git_commit"]
+    assert "Ran in " in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="same mode"):
+        main(["--only", "accounting", "--resume", "--out", str(out)])
+
+
 # -- personalisation -----------------------------------------------------------------
 def test_personalisation_rows_charge_the_global_and_the_total_epsilon():
     from simulations.bench.personalization import site_rows

@@ -71,7 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data.seed values (default 0,1,2; quick: 0)")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="run the simulations on an existing Ray cluster (ray.init(address))")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the bench in --out: keep its pinned configs, every run it "
+                        "finished with the same settings and the sections not named by "
+                        "--only; each section says the commit it ran on")
     return p
+
+
+def _earlier_results(out: Path) -> dict:
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    return json.loads(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
-    bench = Bench(out, args.device, args.quick, seeds, args.ray_address)
+    if args.resume and not args.out:
+        raise SystemExit("--resume: name the bench folder to continue with --out")
+    earlier = _earlier_results(out) if args.resume else {}
+    if earlier and earlier.get("mode") != ("quick" if args.quick else "full"):
+        raise SystemExit(f"--resume: {out} holds a {earlier.get('mode')} bench; resume it "
+                         "in the same mode")
+    bench = Bench(out, args.device, args.quick, seeds, args.ray_address, resume=args.resume)
     from simulations.bench.patients import PATIENTS
     from simulations.bench.personalization import STRONG_SKEW
 
@@ -102,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                                          else sys.argv[1:])]),
                "machine": machine_info(args.device), "configs": pinned,
                "sections": {}, "errors": {}}
+    if earlier:  # the sections this start does not run stay as they were measured
+        results["started"] = earlier.get("started", results["started"])
+        results["resumed"] = [*earlier.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S %Z")]
+        results["sections"] = {k: v for k, v in earlier.get("sections", {}).items()
+                               if k not in only}
+        results["errors"] = {k: v for k, v in earlier.get("errors", {}).items()
+                             if k not in only}
     bench.device = results["machine"]["device"]  # auto resolved once, for every child
     funcs = _sections()
     print(f"fedcare bench ({results['mode']}): {', '.join(only)} -> {out}", flush=True)
@@ -111,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results["sections"][name] = funcs[name](bench)
             results["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+            results["sections"][name]["commit"] = results["machine"].get("git_commit")
+            results["errors"].pop(name, None)
         except Exception:  # one broken section must not lose the others' figures
             results["errors"][name] = traceback.format_exc()
             print(f"[{name}] FAILED:\n{results['errors'][name]}", file=sys.stderr, flush=True)

@@ -69,8 +69,11 @@ def render(results: dict) -> str:
     lines = header(results)
     for key, title in SECTION_TITLES.items():
         if key in results.get("sections", {}):
-            lines += ["", f"## {title}", ""]
-            lines += RENDERERS[key](results["sections"][key])
+            section = results["sections"][key]
+            ran = (f"Ran in {num(section.get('seconds'), 0)} s on commit "
+                   f"{section.get('commit') or '?'}.")
+            lines += ["", f"## {title}", "", ran, ""]
+            lines += RENDERERS[key](section)
     if results.get("errors"):
         lines += ["", "## Sections that failed", ""]
         lines += [f"- {name}: `{why.splitlines()[-1] if why else ''}`"
@@ -102,7 +105,11 @@ def header(results: dict) -> list[str]:
         ["configs", ", ".join(f"`config/{name}`" for name in results.get("configs", {}))
          + " (resolved at the start; every run starts from them)"
          if results.get("configs") else "—"],
-        ["bench wall time", f"{num(results.get('wall_seconds'), 0)} s"],
+        ["bench wall time", f"{num(results.get('wall_seconds'), 0)} s"
+                            + (" (of the last start)" if results.get("resumed") else "")],
+        *([["resumed", ", ".join(results["resumed"])
+            + " (`--resume`: each section names the commit it ran on)"]]
+          if results.get("resumed") else []),
     ]
     return [f"# fedcare benchmark ({results.get('mode', '?')})", "",
             *table(["", ""], rows)]

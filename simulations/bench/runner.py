@@ -141,9 +141,9 @@ class Bench:
     section that needs a run another section made reuses it)."""
 
     def __init__(self, out: Path, device: str, quick: bool, seeds: tuple[int, ...],
-                 ray_address: str | None = None, echo=print) -> None:
+                 ray_address: str | None = None, echo=print, resume: bool = False) -> None:
         self.out, self.device, self.quick, self.seeds = Path(out), device, quick, seeds
-        self.ray_address, self.echo = ray_address, echo
+        self.ray_address, self.echo, self.resume = ray_address, echo, resume
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "bench.log"
         self._runs: dict[str, SimRun] = {}
@@ -160,8 +160,9 @@ class Bench:
 
             pinned = self.out / "config" / path.name
             pinned.parent.mkdir(parents=True, exist_ok=True)
-            pinned.write_text(f"# {path} as resolved when the bench started\n"
-                              + dump_yaml(load_yaml(path)))
+            if not (self.resume and pinned.is_file()):  # resumed: the first start's settings
+                pinned.write_text(f"# {path} as resolved when the bench started\n"
+                                  + dump_yaml(load_yaml(path)))
             self._pinned[path] = pinned
         return self._pinned[path]
 
@@ -180,6 +181,10 @@ class Bench:
         if key in self._runs:
             return self._runs[key]
         run_dir = self.out / "runs" / name
+        if self.resume and (done := _finished(run_dir, key)):
+            self.echo(f"  run {name}: finished in an earlier start of this bench, kept")
+            self._runs[key] = done
+            return done
         if run_dir.exists():  # a folder left by an earlier, interrupted attempt
             shutil.rmtree(run_dir)
         args = ["simulate", "--config", str(config), "--overrides", json.dumps(overrides),
@@ -197,6 +202,10 @@ class Bench:
         run = SimRun(key, run_dir, child.seconds, child.peak_tree_rss, child.peak_processes,
                      error, summary)
         _drop_feature_caches(run_dir)
+        if not error:  # what a resumed bench needs to keep this run instead of redoing it
+            (run_dir / BENCH_RUN).write_text(json.dumps(
+                {"key": key, "seconds": child.seconds, "peak_tree_rss": child.peak_tree_rss,
+                 "peak_processes": child.peak_processes}))
         test = summary.get("test") or {}
         self.echo(f"  run {name}: {child.seconds:.0f} s, "
                   + (f"accuracy {test.get('accuracy', float('nan')):.3f}, "
@@ -215,6 +224,23 @@ class Bench:
             if run.run_dir.name.startswith(name_prefix) and not run.error:
                 return run
         return None
+
+
+BENCH_RUN = "bench_run.json"
+
+
+def _finished(run_dir: Path, key: str) -> SimRun | None:
+    """A run an earlier start of this bench finished with the very same config,
+    overrides and attack; None if it did not, or with other settings."""
+    try:
+        facts = json.loads((run_dir / BENCH_RUN).read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if facts.get("key") != key:
+        return None
+    return SimRun(key, run_dir, facts["seconds"], facts["peak_tree_rss"],
+                  facts["peak_processes"], None, summary)
 
 
 def _drop_feature_caches(run_dir: Path) -> None:
