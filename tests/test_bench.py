@@ -131,15 +131,16 @@ def test_round_overheads_from_a_metrics_log_and_the_site_logs(tmp_path):
     assert r1["server_test_seconds"] == pytest.approx(0.0)       # no test in round 1
     assert r2["overhead"] == pytest.approx(6.0 / 30.0)
     assert r2["fit_overhead"] == pytest.approx(0.0)
-    # one slot: the two sites train one after the other, 36 s of a 30 s round (< 0)
+    # one slot: the two sites train one after the other, 36 s of a 30 s round (< 0);
+    # beyond packed leaves the server's 2 s test evaluation out of the round
     assert r2["packed_train_seconds"] == pytest.approx(36.0)
-    assert r2["overhead_beyond_packed"] == pytest.approx(-6.0 / 30.0)
+    assert r2["overhead_beyond_packed"] == pytest.approx(-8.0 / 28.0)
     assert out["first_round_overhead"] == pytest.approx(0.4)
     assert out["steady_overhead"]["mean"] == pytest.approx(0.2)  # round 1 left out
     assert out["missing"] == []
     two = round_overheads(_metrics_rows(), FITS, slots=2)["rounds"][1]
     assert two["packed_train_seconds"] == pytest.approx(24.0)    # both at once: the slower
-    assert two["overhead_beyond_packed"] == pytest.approx(6.0 / 30.0)
+    assert two["overhead_beyond_packed"] == pytest.approx(4.0 / 28.0)
 
 
 def test_round_overheads_names_what_the_logs_lack():

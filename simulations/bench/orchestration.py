@@ -16,7 +16,7 @@ which the researcher owns. So, per round:
     overhead      = (round wall - slowest site's fit) / round wall
     fit overhead  = (fit wall - slowest site's fit) / fit wall
     packed        = max(slowest site's fit, sum of the sites' fits / actor slots)
-    beyond packed = (round wall - packed) / round wall
+    beyond packed = (round wall - server test - packed) / (round wall - server test)
 
 With more sites than the machine has actor slots (cores / simulation.cpus_per_site),
 the sites train in waves, so even a perfect scheduler's round lasts `packed`: the
@@ -25,7 +25,9 @@ share beyond it is what messaging, SecAgg+, the server and the sites' evaluation
 Round 1 also holds the start-up (the server builds its model and encodes the test
 set, Ray starts the site actors, each builds its model and encodes its records), so
 the steady-state figure is the mean over rounds 2..R. The last round also holds the
-server's evaluation on the test set, shown apart.
+server's evaluation on the test set (every federation.evaluate_test_every rounds): a
+measurement the researcher schedules, not orchestration, so it is shown apart and left
+out of the share beyond packed.
 """
 
 from __future__ import annotations
@@ -78,17 +80,20 @@ def round_overheads(rows: Iterable[dict], fits: Mapping[int, Mapping[str, float]
             wall = end - previous_end
             item.update({"round_seconds": wall, "slowest_train_seconds": slowest,
                          "sum_train_seconds": sum(seconds), "packed_train_seconds": packed,
-                         "overhead": (wall - slowest) / wall if wall > 0 else None,
-                         "overhead_beyond_packed": (wall - packed) / wall
-                         if packed is not None and wall > 0 else None})
+                         "overhead": (wall - slowest) / wall if wall > 0 else None})
+            tested_for = 0.0
             if stamps:
                 fit = max(stamps) - previous_end
                 test = [r["wall_seconds"] for r in rows if r.get("phase") == "test"
                         and r["round"] == rnd and r.get("wall_seconds") is not None]
                 tested = max(test) if test else max(stamps)  # the server's test evaluation
-                item.update({"fit_seconds": fit, "server_test_seconds": tested - max(stamps),
+                tested_for = tested - max(stamps)
+                item.update({"fit_seconds": fit, "server_test_seconds": tested_for,
                              "evaluate_seconds": end - tested,
                              "fit_overhead": (fit - slowest) / fit if fit > 0 else None})
+            work = wall - tested_for  # the round without the scheduled test evaluation
+            item["overhead_beyond_packed"] = ((work - packed) / work
+                                              if packed is not None and work > 0 else None)
         if evals:
             previous_end = max(evals)
         out.append(item)

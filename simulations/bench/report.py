@@ -239,8 +239,11 @@ def render_orchestration(s: dict) -> list[str]:
             "server). packed = max(slowest fit, sum of fits / "
             f"{slots if slots else '?'} actor slots): the shortest a round of these fits "
             "could take on this machine's cores, since more sites than slots train in waves; "
-            "beyond packed = (round wall − packed) / round wall is what messaging, SecAgg+, "
-            "the server and the sites' evaluation add. Target: beyond packed ≤ "
+            "beyond packed = (round wall − server test − packed) / (round wall − server "
+            "test) is what messaging, SecAgg+, the server's checks and aggregation and the "
+            "sites' evaluation add (the server's test evaluation, every "
+            "federation.evaluate_test_every rounds, is a measurement, shown apart). "
+            "Target: beyond packed ≤ "
             f"{100 * s.get('limit', 0.25):.0f}% in steady rounds. Round 1 includes "
             "start-up (Ray, models, tokenising, the sites' pooled features).", "",
             *table(["sites", "steady round s (rounds ≥ 2)", "steady overhead",
