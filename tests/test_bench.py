@@ -381,3 +381,35 @@ def test_patient_targets_pair_by_seed_and_judge_a_lead_at_least():
     assert _row(text, "ULS k=4 vs record-level ε=8").endswith("| ≤ 5 | **missed** |")
     assert _row(text, "ULS k=4 ahead of group privacy k=4").endswith("| ≥ 10 | met |")
     assert _row(text, "ULS k=4").split(" | ")[5] == "6.0"  # points below record ε=8
+
+
+def test_lora_section_reads_the_head_rounds_from_the_runs_own_test_rows_and_pairs_seeds():
+    from simulations.bench import lora
+
+    def test_rows(*f1s):
+        return [{"phase": "test", "round": i, "macro_f1": f1, "accuracy": 0.8}
+                for i, f1 in enumerate(f1s, 1)] + [{"phase": "train", "round": 1}]
+
+    # seed 0: the LoRA rounds lose 2 points of the head rounds' 0.70; seed 1: gain 1
+    runs = {"lora": [{**_run(0, 0.68), **lora.head_round_metrics(test_rows(
+                          0.5, 0.6, 0.65, 0.70, 0.69, 0.68), 4)},
+                     {**_run(1, 0.72), **lora.head_round_metrics(test_rows(
+                          0.5, 0.6, 0.65, 0.71, 0.72, 0.72), 4)}],
+            "head_only": [_run(0, 0.71), _run(1, 0.70), _run(2, 0.9)]}
+    assert runs["lora"][0]["head_macro_f1"] == 0.70
+    kept, beside = lora.compare(runs)
+    assert kept["gap_points"]["mean"] == pytest.approx(0.5)  # (2 − 1) / 2 points lost
+    assert kept["status"] == targets.MISSED                   # any loss misses
+    assert beside["gap_points"]["seeds"] == [0, 1]            # seed 2 has no LoRA run
+    assert beside["gap_points"]["mean"] == pytest.approx(0.5)  # (3 − 2) / 2
+    assert beside["status"] == "shown, not judged"
+
+    section = {"seeds": [0, 1], "device": "cpu", "head_rounds": 4,
+               "lora": {"learning_rate": 1e-3, "local_steps": 8, "batch_size": 256},
+               "configs": {k: lora.summarize(v) for k, v in runs.items()},
+               "comparisons": [kept, beside]}
+    text = "\n".join(report.render_lora(json.loads(json.dumps(section))))  # as results.json
+    assert _row(text, "LoRA rounds vs the run's last head round").endswith(
+        "| 0.5 ± 2.1 | ≤ 0 | **missed** |")
+    assert _row(text, "lora.yaml").split(" | ")[3] == "0.705 ± 0.007"  # head rounds' F1
+    assert _row(text, "0") == "| 0 | 0.500, 0.600, 0.650, 0.700, 0.690, 0.680 |"

@@ -25,6 +25,7 @@ from simulations.bench.runner import DEFAULT_CONFIG, ENV, Bench, machine_info
 def _sections() -> dict:
     from simulations.bench.accountants import accounting
     from simulations.bench.costs import dp_cost, update_bytes
+    from simulations.bench.lora import lora
     from simulations.bench.orchestration import orchestration
     from simulations.bench.patients import patients
     from simulations.bench.personalization import personalization
@@ -36,11 +37,11 @@ def _sections() -> dict:
     return {"utility": utility, "dp-cost": dp_cost, "bytes": update_bytes,
             "accounting": accounting, "orchestration": orchestration,
             "scaling": scaling, "personalization": personalization, "robustness": robustness,
-            "patients": patients}
+            "patients": patients, "lora": lora}
 
 
 SECTIONS = ("utility", "dp-cost", "bytes", "accounting", "orchestration", "scaling",
-            "personalization", "robustness", "patients")
+            "personalization", "robustness", "patients", "lora")
 QUICK_SECTIONS = SECTIONS[:5]
 
 
@@ -109,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--resume: {out} holds a {earlier.get('mode')} bench; resume it "
                          "in the same mode")
     bench = Bench(out, args.device, args.quick, seeds, args.ray_address, resume=args.resume)
+    from simulations.bench.lora import LORA
     from simulations.bench.patients import PATIENTS
     from simulations.bench.personalization import STRONG_SKEW
 
-    pinned = {p.name: str(bench.config(p)) for p in (DEFAULT_CONFIG, STRONG_SKEW, PATIENTS)}
+    pinned = {p.name: str(bench.config(p))
+              for p in (DEFAULT_CONFIG, STRONG_SKEW, PATIENTS, LORA)}
     started = time.perf_counter()
     results = {"mode": "quick" if args.quick else "full",
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

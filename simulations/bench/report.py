@@ -23,6 +23,7 @@ SECTION_TITLES = {
     "personalization": "7. Personalisation under strong skew",
     "robustness": "8. Robustness to one poisoned site",
     "patients": "9. Patient-level privacy",
+    "lora": "10. LoRA after the head",
 }
 
 
@@ -359,10 +360,40 @@ def render_patients(s: dict) -> list[str]:
                     for g in s["comparisons"]])]
 
 
+def render_lora(s: dict) -> list[str]:
+    lora, head = s["configs"]["lora"], s["configs"]["head_only"]
+    rows = [["head-only default (`dp_eps8`)", f"{head['accuracy'].get('n', 0)}", "—", "—",
+             pm(head["accuracy"]), pm(head["macro_f1"]), pm(head["epsilon_max"], 2),
+             pm(head["process_seconds"], 0)],
+            ["lora.yaml", f"{lora['accuracy'].get('n', 0)}", pm(lora["head_accuracy"]),
+             pm(lora["head_macro_f1"]), pm(lora["accuracy"]), pm(lora["macro_f1"]),
+             pm(lora["epsilon_max"], 2), pm(lora["process_seconds"], 0)]]
+    per_run = [[r["seed"], ", ".join(f"{num(f1)}" for _, f1 in sorted(
+        (r.get("macro_f1_by_round") or {}).items(), key=lambda kv: int(kv[0])))]
+        for r in lora["runs"] if not r.get("error")]
+    t = s.get("lora", {})
+    return [f"Seeds (data.seed): {', '.join(map(str, s.get('seeds', [])))}; device "
+            f"{s.get('device')}. simulations/configs/lora.yaml: {s.get('head_rounds')} head "
+            f"rounds, then LoRA rounds of {t.get('local_steps')} DP-SGD steps at an expected "
+            f"{t.get('batch_size')} notes, Adam lr {t.get('learning_rate'):g}; ε = 8 per site "
+            "for both recipes. The LoRA run is tested after every round; \"after the head "
+            "rounds\" is its last head round.", "",
+            *table(["recipe", "runs", "after the head rounds: accuracy",
+                    "after the head rounds: macro-F1", "final accuracy", "final macro-F1",
+                    "ε per site (max)", "wall s / run"], rows), "",
+            *table(["comparison", "points (macro-F1, reference − other, paired by seed)",
+                    "limit", "result"],
+                   [[g["name"], pm(g["gap_points"], 1),
+                     "—" if g["limit_points"] is None else f"≤ {g['limit_points']:g}",
+                     mark(g["status"])] for g in s["comparisons"]]), "",
+            *table(["seed", "lora.yaml test macro-F1 after each round"], per_run)]
+
+
 RENDERERS = {"utility": render_utility, "dp-cost": render_dp_cost, "bytes": render_bytes,
              "accounting": render_accounting, "orchestration": render_orchestration,
              "scaling": render_scaling, "personalization": render_personalization,
-             "robustness": render_robustness, "patients": render_patients}
+             "robustness": render_robustness, "patients": render_patients,
+             "lora": render_lora}
 
 
 # -- plots ---------------------------------------------------------------------------
