@@ -198,9 +198,12 @@ class SiteGuard:
         limits = [(this_run + counts, run_target), (history + counts, p.epsilon_budget)] \
             if len(history) > len(this_run) else [
                 (this_run + counts, min(run_target, p.epsilon_budget))]
-        sigma = max([accounting.calibrate_noise(prior, schedule, target, p.delta,
-                                                self.accountant)
-                     for prior, target in limits] + [p.min_noise_multiplier])
+        try:
+            sigma = max([accounting.calibrate_noise(prior, schedule, target, p.delta,
+                                                    self.accountant)
+                         for prior, target in limits] + [p.min_noise_multiplier])
+        except accounting.BudgetError as err:
+            raise self._no_fit(err, schedule, limits, counts) from None
         if sigma > p.max_noise_multiplier:
             total = sum(n for _, n in schedule)
             raise accounting.BudgetError(
@@ -208,6 +211,27 @@ class SiteGuard:
                 f"(spent ε={self.spent():.4g} of {p.epsilon_budget:g}) needs noise σ={sigma:.3g}, "
                 f"above the site's max_noise_multiplier {p.max_noise_multiplier:g}")
         return sigma
+
+    def _no_fit(self, err: accounting.BudgetError, schedule: accounting.Schedule,
+                limits: list, counts: accounting.History) -> accounting.BudgetError:
+        """The refusal of a schedule no σ fits, saying which part is spent and which is
+        only planned: the run's evaluations (noisy per-class counts) are charged as they
+        are released, and alone they can pass a small target."""
+        if not counts:
+            return err
+        for prior, target in limits:
+            spent = accounting.epsilon(prior[:len(prior) - len(counts)], self.policy.delta,
+                                       self.accountant) if len(prior) > len(counts) else 0.0
+            planned = accounting.epsilon(prior, self.policy.delta, self.accountant)
+            if planned >= target:
+                return accounting.BudgetError(
+                    f"{sum(n for _, n in schedule)} more steps cannot fit in ε={target:.4g} "
+                    f"at any noise level: ε={spent:.4g} is spent and the run's "
+                    f"{len(counts)} planned evaluations (noisy per-class counts at count "
+                    f"noise σ={counts[0][0]:.3g}) would bring it to ε={planned:.4g} before "
+                    "any training; raise privacy.count_noise, set "
+                    "site.release_evaluation=false, or raise the target")
+        return err
 
     def released(self, run_id: str, round_no: int, kind: str) -> bool:
         """Whether this dataset's ledger already holds a `kind` release for (run,

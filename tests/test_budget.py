@@ -216,3 +216,21 @@ def test_switching_from_rdp_to_prv_never_lowers_the_claimed_epsilon(tmp_path):
     assert report.ok, report.problems
     assert [(r.accountant, r.reference) for r in report.sites[0].entries] == [
         ("opacus-rdp", "rdp"), ("opacus-prv", "pld")]
+
+
+def test_a_target_the_planned_evaluations_alone_pass_is_refused_as_planned_not_spent(tmp_path):
+    """At ε=1 and the default count noise (5), 4 rounds' evaluations alone cost more than
+    the target: the refusal says so and names the knobs, instead of 'already spent'."""
+    guard = _guard(tmp_path / "state", 8.0)
+    counts = [(5.0, 1.0, 1)] * 4
+    planned = accounting.epsilon(counts, 1e-5, guard.accountant)
+    assert planned > 1.0
+    with pytest.raises(accounting.BudgetError) as refused:
+        guard.plan("run-1", 1.0, [(0.1, 400)], counts)
+    text = str(refused.value)
+    assert "ε=0 is spent" in text and f"ε={planned:.4g} before any training" in text
+    assert "4 planned evaluations" in text and "privacy.count_noise" in text
+    assert "already spent" not in text
+    # with fewer evaluations it fits, and the σ it plans leaves room for them
+    sigma = guard.plan("run-1", 1.0, [(0.1, 400)], counts[:1])
+    assert accounting.epsilon([(sigma, 0.1, 400), *counts[:1]], 1e-5, guard.accountant) <= 1.0
