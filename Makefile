@@ -39,7 +39,7 @@ flwr-run: install
 	FLWR_HOME=$(CURDIR)/.flwr PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream
 
 # the benchmark (docs/benchmarks.md): results.json, results.md and plots in runs/bench-<time>/
-# bench: every section, ~4 h on 2 CPU cores; bench-quick: ~12 min
+# bench: every section, ~2.5 h on 2 CPU cores; bench-quick: ~12 min
 # e.g. make bench BENCH_ARGS="--device cuda --out runs/bench-gpu"
 BENCH_ARGS ?=
 bench: install

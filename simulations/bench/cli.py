@@ -1,6 +1,6 @@
 """`python -m simulations.bench`: run the sections, write the folder.
 
-    make bench          every section, 3 seeds (an hour or two on 2 CPU cores)
+    make bench          every section, 3 seeds (about 2.5 hours on 2 CPU cores)
     make bench-quick    utility (DP ε=8 and federated non-private, 1 seed), DP cost,
                         bytes, accounting, orchestration (minutes)
 
