@@ -215,22 +215,30 @@ class SiteGuard:
     def _no_fit(self, err: accounting.BudgetError, schedule: accounting.Schedule,
                 limits: list, counts: accounting.History) -> accounting.BudgetError:
         """The refusal of a schedule no σ fits, saying which part is spent and which is
-        only planned: the run's evaluations (noisy per-class counts) are charged as they
-        are released, and alone they can pass a small target."""
+        only planned, where the planned part is what does not fit: the run's
+        evaluations (noisy per-class counts) are charged as they are released, and alone
+        they can pass a small target. When what is spent passes the limit already, or
+        the counts are not what breaks it, `err` stands."""
         if not counts:
             return err
-        for prior, target in limits:
-            spent = accounting.epsilon(prior[:len(prior) - len(counts)], self.policy.delta,
+        first_run = len(limits) == 1  # nothing spent before this run: one limit, the smaller
+        for index, (prior, target) in enumerate(limits):
+            spent = accounting.epsilon(prior[:-len(counts)], self.policy.delta,
                                        self.accountant) if len(prior) > len(counts) else 0.0
             planned = accounting.epsilon(prior, self.policy.delta, self.accountant)
-            if planned >= target:
-                return accounting.BudgetError(
-                    f"{sum(n for _, n in schedule)} more steps cannot fit in ε={target:.4g} "
-                    f"at any noise level: ε={spent:.4g} is spent and the run's "
-                    f"{len(counts)} planned evaluations (noisy per-class counts at count "
-                    f"noise σ={counts[0][0]:.3g}) would bring it to ε={planned:.4g} before "
-                    "any training; raise privacy.count_noise, set "
-                    "site.release_evaluation=false, or raise the target")
+            if not spent < target <= planned:
+                continue
+            limit = (f"this run's target ε={target:.4g}" if index == 0 and not first_run
+                     else f"the site's budget ε={target:.4g}" if index == 1
+                     else f"ε={target:.4g} (the run's target, within the site's budget)")
+            return accounting.BudgetError(
+                f"{sum(n for _, n in schedule)} more steps cannot fit in {limit} at any "
+                f"noise level: ε={spent:.4g} is spent and the run's {len(counts)} planned "
+                f"evaluations (noisy per-class counts at count noise σ={counts[0][0]:.3g}) "
+                f"would bring it to ε={planned:.4g} before any training; ask for more "
+                "count noise (privacy.count_noise, above the site's own count-noise), "
+                "release no evaluation (the site's release-evaluation, "
+                "site.release_evaluation in a simulation), or raise the limit")
         return err
 
     def released(self, run_id: str, round_no: int, kind: str) -> bool:

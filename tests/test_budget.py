@@ -231,6 +231,15 @@ def test_a_target_the_planned_evaluations_alone_pass_is_refused_as_planned_not_s
     assert "ε=0 is spent" in text and f"ε={planned:.4g} before any training" in text
     assert "4 planned evaluations" in text and "privacy.count_noise" in text
     assert "already spent" not in text
+    # spent alone beyond the limit (ε≈4.9 spent, then the budget lowered to 4): the
+    # counts are not the cause, and the refusal does not point at them
+    step = PrivateStep(2.0, 0.1, 400, 1.0)
+    claim = accounting.epsilon([(2.0, 0.1, 400)], 1e-5, guard.accountant)
+    assert 4.0 < claim < 8.0
+    _guard(tmp_path / "spent", 8.0).record_release("run-0", 1, step, claim, ARRAYS, False)
+    with pytest.raises(accounting.BudgetError, match="already spent") as refused:
+        _guard(tmp_path / "spent", 4.0).plan("run-1", 8.0, [(0.1, 400)], counts)
+    assert "planned evaluations" not in str(refused.value)
     # with fewer evaluations it fits, and the σ it plans leaves room for them
     sigma = guard.plan("run-1", 1.0, [(0.1, 400)], counts[:1])
     assert accounting.epsilon([(sigma, 0.1, 400), *counts[:1]], 1e-5, guard.accountant) <= 1.0

@@ -45,9 +45,10 @@ def head_round_metrics(metrics: list[dict], head_rounds: int) -> dict:
     """The global model's test metrics after the last head round, and every round's
     test macro-F1 (metrics.jsonl's test rows)."""
     tests = sorted((r for r in metrics if r.get("phase") == "test"), key=lambda r: r["round"])
-    last_head = next((r for r in tests if r["round"] == head_rounds), {})
+    by_round = {r["round"]: r for r in tests}  # a resumed run's round tested again: the last
+    last_head = by_round.get(head_rounds, {})
     return {"head_accuracy": last_head.get("accuracy"), "head_macro_f1": last_head.get("macro_f1"),
-            "macro_f1_by_round": {r["round"]: r.get("macro_f1") for r in tests}}
+            "macro_f1_by_round": {n: r.get("macro_f1") for n, r in by_round.items()}}
 
 
 def summarize(runs: list[dict]) -> dict:
