@@ -195,13 +195,15 @@ class SiteGuard:
                     for e in self.ledger.releases() if e["run_id"] == run_id
                     and dataset_of(e) == self.dataset and e["steps"] > 0]
         # with nothing spent before this run the two limits are one: the smaller target
-        limits = [(this_run + counts, run_target), (history + counts, p.epsilon_budget)] \
+        limits = [(this_run, run_target, "this run's target"),
+                  (history, p.epsilon_budget, "the site's budget")] \
             if len(history) > len(this_run) else [
-                (this_run + counts, min(run_target, p.epsilon_budget))]
+                (this_run, min(run_target, p.epsilon_budget),
+                 "the run's target, within the site's budget")]
         try:
-            sigma = max([accounting.calibrate_noise(prior, schedule, target, p.delta,
+            sigma = max([accounting.calibrate_noise(spent + counts, schedule, target, p.delta,
                                                     self.accountant)
-                         for prior, target in limits] + [p.min_noise_multiplier])
+                         for spent, target, _ in limits] + [p.min_noise_multiplier])
         except accounting.BudgetError as err:
             raise self._no_fit(err, schedule, limits, counts) from None
         if sigma > p.max_noise_multiplier:
@@ -217,28 +219,25 @@ class SiteGuard:
         """The refusal of a schedule no σ fits, saying which part is spent and which is
         only planned, where the planned part is what does not fit: the run's
         evaluations (noisy per-class counts) are charged as they are released, and alone
-        they can pass a small target. When what is spent passes the limit already, or
-        the counts are not what breaks it, `err` stands."""
+        they can pass a small target. `limits`: (spent history, ε limit, its name), as
+        `plan` checks them. When what is spent passes the limit already, or the counts
+        are not what breaks it, `err` stands."""
         if not counts:
             return err
-        first_run = len(limits) == 1  # nothing spent before this run: one limit, the smaller
-        for index, (prior, target) in enumerate(limits):
-            spent = accounting.epsilon(prior[:-len(counts)], self.policy.delta,
-                                       self.accountant) if len(prior) > len(counts) else 0.0
-            planned = accounting.epsilon(prior, self.policy.delta, self.accountant)
+        for history, target, name in limits:
+            spent = accounting.epsilon(history, self.policy.delta, self.accountant)
+            planned = accounting.epsilon(history + counts, self.policy.delta, self.accountant)
             if not spent < target <= planned:
                 continue
-            limit = (f"this run's target ε={target:.4g}" if index == 0 and not first_run
-                     else f"the site's budget ε={target:.4g}" if index == 1
-                     else f"ε={target:.4g} (the run's target, within the site's budget)")
             return accounting.BudgetError(
-                f"{sum(n for _, n in schedule)} more steps cannot fit in {limit} at any "
-                f"noise level: ε={spent:.4g} is spent and the run's {len(counts)} planned "
-                f"evaluations (noisy per-class counts at count noise σ={counts[0][0]:.3g}) "
-                f"would bring it to ε={planned:.4g} before any training; ask for more "
-                "count noise (privacy.count_noise, above the site's own count-noise), "
-                "release no evaluation (the site's release-evaluation, "
-                "site.release_evaluation in a simulation), or raise the limit")
+                f"{sum(n for _, n in schedule)} more steps cannot fit in {name} "
+                f"(ε={target:.4g}) at any noise level: ε={spent:.4g} is spent and the "
+                f"run's {len(counts)} planned evaluations (noisy per-class counts at count "
+                f"noise σ={counts[0][0]:.3g}) would bring it to ε={planned:.4g} before any "
+                "training; ask for more count noise (privacy.count_noise, above the "
+                "site's own count-noise), release no evaluation (the site's "
+                "release-evaluation, site.release_evaluation in a simulation), or raise "
+                "the limit")
         return err
 
     def released(self, run_id: str, round_no: int, kind: str) -> bool:
