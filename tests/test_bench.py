@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from common.config import load_yaml
 from simulations.bench import report, targets
 from simulations.bench.orchestration import round_overheads
 from simulations.bench.utility import Setup, gaps, summarize
@@ -346,7 +347,12 @@ def test_group_baseline_runs_record_level_at_the_per_record_share_of_the_promise
     names = [s.name for s in patients.setups()]
     assert len(names) == len(set(names))
     assert names[:3] == ["record_eps8", "uls_k4", "group_k4"]  # the targets' sides first
-    assert patients.uls(4, "mean").overrides["train.patient_gradient"] == "mean"
+    # the judged ULS row is what patients.yaml ships; the other reduction is shown beside it
+    shipped = load_yaml(patients.PATIENTS)
+    assert patients.uls(4).overrides["train.patient_gradient"] == \
+        shipped.train.patient_gradient == "mean"
+    assert patients.SHIPPED_K == shipped.site.max_records_per_patient == 4
+    assert patients.uls(4, "sum").name == "uls_k4_sum" and "uls_k4_sum" in names
 
 
 def _patient_configs(**runs):
@@ -363,7 +369,7 @@ def test_patient_targets_pair_by_seed_and_judge_a_lead_at_least():
         record_eps8=[_run(0, 0.70), _run(1, 0.68)],
         uls_k4=[_run(0, 0.66), _run(1, 0.60)],       # 4 and 8 below: mean 6 > 5 -> missed
         group_k4=[_run(0, 0.50), _run(1, 0.52)],     # ULS ahead by 16 and 8: mean 12 -> met
-        uls_k4_mean=[_run(0, 0.64)])
+        uls_k4_sum=[_run(0, 0.64)])
     by_name = {c["name"]: c for c in patients.compare(configs)}
     record = by_name["ULS k=4 vs record-level ε=8"]
     assert record["gap_points"]["mean"] == pytest.approx(6.0)
@@ -371,7 +377,7 @@ def test_patient_targets_pair_by_seed_and_judge_a_lead_at_least():
     lead = by_name["ULS k=4 ahead of group privacy k=4"]
     assert lead["gap_points"]["mean"] == pytest.approx(12.0)
     assert lead["status"] == targets.MET
-    sum_mean = by_name["ULS k=4: sum ahead of mean"]
+    sum_mean = by_name["ULS k=4: mean (shipped) ahead of sum"]
     assert sum_mean["gap_points"]["seeds"] == [0] and sum_mean["status"] == "shown, not judged"
     assert by_name["ULS k=16 ahead of group privacy k=16"]["status"] == targets.NOT_RUN
 
@@ -380,7 +386,7 @@ def test_patient_targets_pair_by_seed_and_judge_a_lead_at_least():
          "comparisons": patients.compare(configs)}))
     assert _row(text, "ULS k=4 vs record-level ε=8").endswith("| ≤ 5 | **missed** |")
     assert _row(text, "ULS k=4 ahead of group privacy k=4").endswith("| ≥ 10 | met |")
-    assert _row(text, "ULS k=4").split(" | ")[5] == "6.0"  # points below record ε=8
+    assert _row(text, "ULS k=4, mean of notes").split(" | ")[5] == "6.0"  # below record ε=8
 
 
 def test_lora_section_reads_the_head_rounds_from_the_runs_own_test_rows_and_pairs_seeds():
