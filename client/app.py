@@ -13,12 +13,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.releases import ContainErrors, release_filter
 from client.replies import ReplyStore
+from common import shamir
 from common.config import Config, from_run_config
 from common.message_keys import Keys
 from common.names import check_name
 
 
 FIT_CONFIG = "fitins.config"  # where Flower's legacy messages keep the FitIns config
+
+shamir.install("site")  # SecAgg+'s shares of the mask seed and key, split in O(n·t) ints
 
 
 def secure_aggregation_mod(msg, context, call_next):

@@ -17,6 +17,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+from common import shamir
 from common.config import Config, FederationConfig, check_aggregation, from_run_config
 from common.data import held_out
 from common.evaluation import encode, evaluate
@@ -35,6 +36,8 @@ from server.strategy import SiteAwareStrategy
 
 ERROR_FILE = "error.txt"
 SITES_ANSWERED = "; what the sites answered: "  # the server's view of the sites, in its error
+
+shamir.install("server")  # SecAgg+'s unmasking: each seed from cached Lagrange coefficients
 
 
 class FitWorkflow:

@@ -3,6 +3,7 @@ the weighted FedAvg, and a site dropping out mid-round does not cost the round."
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -34,7 +35,10 @@ class CaptureUpdates:
         if msg.metadata.message_type == "train" and out.has_content():
             res = recorddict_to_fitres(out.content, keep_input=True)
             np.savez(self.folder / f"{site}.npz", *parameters_to_ndarrays(res.parameters))
-            (self.folder / f"{site}.json").write_text(json.dumps({"n": res.num_examples}))
+            # which code split this site's SecAgg+ secrets (in this site's own process)
+            mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+            (self.folder / f"{site}.json").write_text(json.dumps(
+                {"n": res.num_examples, "shares_by": mod.create_shares.__module__}))
         return out
 
 
@@ -98,6 +102,12 @@ def test_secure_sum_is_the_weighted_fedavg_and_sites_record_it(tiny_model, tmp_p
     assert tol < 1e-4
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=tol, rtol=0)
+    # the secrets were split and recombined by common/shamir.py, inside real SecAgg+
+    assert {json.loads((capture / f"{s}.json").read_text())["shares_by"] for s in sites} \
+        == {"common.shamir"}
+    workflow = importlib.import_module(
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    assert workflow.combine_shares.__module__ == "common.shamir"
     # and the sum is not any single site's update
     with np.load(capture / "site0.npz", allow_pickle=False) as one:
         assert not np.allclose(got[-1], one[f"arr_{len(got) - 1}"], atol=1e-4)
