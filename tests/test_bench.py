@@ -167,6 +167,22 @@ def test_scaling_judges_steady_seconds_per_site_without_the_test_evaluation():
     assert linear_growth(grows[:1])["status"] == targets.NOT_RUN
 
 
+def test_scaling_times_flowers_and_fedcares_secret_sharing_at_the_runs_thresholds():
+    from simulations.bench.scaling import sharing_costs
+
+    rows = sharing_costs((4, 16), repeats=1)
+    # Flower's setup: num_shares = every site (1.0), threshold round(0.67 × shares)
+    assert [(r["sites"], r["threshold"]) for r in rows] == [(4, 3), (16, 11)]
+    for r in rows:
+        for impl in ("flower", "fedcare"):
+            assert r[f"{impl}_round_seconds"] == pytest.approx(
+                r["sites"] * r[f"{impl}_split_seconds_per_site"] + r[f"{impl}_combine_seconds"])
+        assert r["ratio"] == pytest.approx(r["flower_round_seconds"] / r["fedcare_round_seconds"])
+    text = "\n".join(report.render_sharing(rows))
+    assert _row(text, "16").startswith("| 16 | 11 | ") and _row(text, "16").endswith("× |")
+    assert report.render_sharing([]) == []
+
+
 # -- the Markdown table --------------------------------------------------------------
 def _results():
     configs = _utility_configs(fed=[_run(0, 0.600, 0.70)], dp8=[_run(0, 0.550, 0.66)])

@@ -289,7 +289,30 @@ def render_scaling(s: dict) -> list[str]:
             f"Target, per-round wall growing no faster than linearly in sites: {verdict}.", "",
             *table(["sites", "steady s/round", "steady s/round per site", "per round s",
                     "steady beyond packed", "peak memory (tree)", "processes", "ε per site",
-                    "wall s", "test accuracy / macro-F1"], rows)]
+                    "wall s", "test accuracy / macro-F1"], rows),
+            *render_sharing(s.get("secagg_sharing") or [])]
+
+
+def render_sharing(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    return ["", "SecAgg+ secret sharing in one round, timed side by side on one core: every "
+            "site splits its mask seed and private key into one share per site, the server "
+            "recombines every seed from all the shares. Flower's: its own "
+            "flwr.common.secure_aggregation.crypto.shamir; fedcare's: common/shamir.py, "
+            "which the sites and the server run. Round s = sites × split + combine (the "
+            "sites split in parallel when they are hospitals; in a simulation they share "
+            "the actor slots).", "",
+            *table(["sites", "threshold", "split per site s (Flower / fedcare)",
+                    "combine all seeds s (Flower / fedcare)",
+                    "round s (Flower / fedcare)", "Flower / fedcare"],
+                   [[r["sites"], r["threshold"],
+                     f"{num(r['flower_split_seconds_per_site'], 4)} / "
+                     f"{num(r['fedcare_split_seconds_per_site'], 4)}",
+                     f"{num(r['flower_combine_seconds'], 3)} / "
+                     f"{num(r['fedcare_combine_seconds'], 3)}",
+                     f"{num(r['flower_round_seconds'], 2)} / {num(r['fedcare_round_seconds'], 2)}",
+                     f"{num(r['ratio'], 0)}×"] for r in rows])]
 
 
 def render_personalization(s: dict) -> list[str]:
