@@ -31,6 +31,7 @@ import math
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
@@ -72,11 +73,17 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float,
     bound on the true ε. Under "prv", where PRV's numerics give up (δ so small that
     float error dominates its mesh, ~1e-13, or ε unbounded on its domain) the RDP bound,
     larger but still valid, is returned instead."""
-    steps = _merged(history)
+    return _epsilon_of(tuple(_merged(history)), float(delta), _kind(accountant))
+
+
+@lru_cache(maxsize=1024)
+def _epsilon_of(steps: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
+    """`epsilon` of merged, sorted steps: a pure function of them, kept, so that a site
+    computes each once (the ε it projects before a round is the one it claims after)."""
     if not steps:
         return 0.0
-    if _kind(accountant) == "prv":
-        prv = _prv_epsilon(steps, delta)
+    if kind == "prv":
+        prv = _prv_epsilon(list(steps), delta)
         if prv is not None:
             return prv
     return _rdp_epsilon(_rdp(steps), delta)
