@@ -9,7 +9,8 @@ Seeds are data.seed: the held-out split, the partition into sites and the synthe
 patients (who has how many notes, and which).
 
 Targets, paired by seed: ULS as patients.yaml ships it (its k, and its reduction of a
-patient's notes) within 5 macro-F1 points of record-level ε = 8, and ahead of the group-privacy baseline at the same k by at least 10 points."""
+patient's notes) within 5 macro-F1 points of record-level ε = 8, and ahead of the
+group-privacy baseline at the same k by at least 10 points."""
 
 from __future__ import annotations
 
