@@ -78,6 +78,15 @@ class _ContainedSiteFailures(logging.Filter):
             or text.startswith("An exception was raised when processing a message")))
 
 
+def _held(run_dir: Path) -> str:
+    """What `run_dir` holds besides what a start killed before its first whole file
+    leaves: the empty folder, and `.partial` files (each written whole, then renamed;
+    config.yaml is a run's first). '' when nothing else."""
+    if not run_dir.is_dir():
+        return ""
+    return ", ".join(sorted(p.name for p in run_dir.iterdir() if p.suffix != ".partial"))
+
+
 def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
              client_mods=(), resume: bool = False, observe=None) -> Path:
     """Run the federation described by `cfg`; returns the run directory.
@@ -99,9 +108,9 @@ def simulate(cfg: Config, run_dir: Path | None = None, verbose: bool = False,
     if resume:
         if (run_dir / "summary.json").is_file():
             raise RuntimeError(f"the run in {run_dir} has finished: nothing to resume")
-    elif run_dir.is_dir() and any(run_dir.iterdir()):  # its summary would pass for this run's
-        raise RuntimeError(f"{run_dir} already holds a run, and a run directory holds one "
-                           "run: choose another simulation.run_name or --run-dir")
+    elif held := _held(run_dir):  # its summary would pass for this run's
+        raise RuntimeError(f"{run_dir} already holds a run ({held}), and a run directory "
+                           "holds one run: choose another simulation.run_name or --run-dir")
     cfg = prepare(cfg, run_dir)
     sim = cfg.simulation
     resources = site_resources(sim, cfg.train.device, torch.cuda.is_available())
@@ -155,5 +164,6 @@ def resume(run_dir: Path, verbose: bool = False, client_mods=()) -> Path:
     run_dir = Path(run_dir).resolve()
     config = run_dir / "config.yaml"
     if not config.is_file():
-        raise RuntimeError(f"{run_dir} holds no run to resume (no config.yaml)")
+        raise RuntimeError(f"{run_dir} holds no run to resume (no config.yaml; a run writes "
+                           "it before it sends anything, so start this one afresh)")
     return simulate(load_yaml(config, {}), run_dir, verbose, client_mods, resume=True)

@@ -145,7 +145,8 @@ def test_random_kills_lose_nothing_and_release_nothing_twice(tiny_model, site_fi
                 try:  # a random moment of the process's life (it may finish first)
                     code = process.wait(timeout=rng.uniform(0.5, window) if kills < KILLS
                                         else 900)
-                    assert code == 0, (tmp_path / "runs.log").read_text()[-3000:]
+                    assert code == 0, (tmp_path / "runs.log").read_text()[-3000:] + \
+                        f"\n{run} held: {sorted(p.name for p in run.glob('*'))}"
                     window = max(2.0, 0.8 * window)  # the machine is faster than the window
                 except subprocess.TimeoutExpired:
                     _kill(process)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from common.config import load_yaml
 from common.privacy.verify import verify_path
 from simulations.run import simulate
 from tests.conftest import LABELS, tiny_config, write_records
@@ -98,7 +99,12 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(tiny_model, site_fi
 def test_non_private_run_is_labelled_and_keeps_no_ledger(tiny_model, site_files, tmp_path):
     cfg = tiny_config(tiny_model, site_files, privacy={"enabled": False},
                       federation={"num_rounds": 1})
+    # what a start killed while writing its config leaves: the folder holds no run yet
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.partial").write_text("privacy: {enabled: tr")
     run = simulate(cfg, tmp_path / "run")
+    assert not any(run.glob("*.partial"))
+    assert load_yaml(run / "config.yaml").privacy.enabled is False
     summary = json.loads((run / "summary.json").read_text())
     assert summary["private"] is False and summary["epsilon_per_site"] is None
     assert summary["privacy"].startswith("NON-PRIVATE")
@@ -157,7 +163,7 @@ def test_a_run_no_site_could_join_names_each_site_and_its_cause_and_its_name_is_
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds_aggregated"] == 0
     assert "xray" not in json.dumps(summary)  # the server kept only codes and references
-    with pytest.raises(RuntimeError, match="already holds a run"):
+    with pytest.raises(RuntimeError, match=r"already holds a run \(.*config.yaml, .*summary.json"):
         simulate(cfg, tmp_path / "run")
 
 
