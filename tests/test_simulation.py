@@ -185,3 +185,39 @@ def test_flowers_run_simulation_notice_is_kept_out_of_the_output_and_nothing_els
                       "The `run_simulation` function is deprecated and will be removed")
     assert passes("DEPRECATED FEATURE: %s", "Passing `enable_tf_gpu_growth=True`")
     assert passes("round %s skipped", 3)
+
+
+def test_the_engine_scans_for_site_messages_on_its_own_tick_through_flowers_scan():
+    import threading
+    from queue import Queue
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from simulations.run import engine_tick, quicker_engine
+
+    quicker_engine()
+    scan = vce_api.add_messages_to_queue
+    quicker_engine()  # once is enough: the tick is not wrapped twice
+    assert vce_api.add_messages_to_queue is scan and scan.__wrapped__.__module__ == vce_api.__name__
+
+    class Stop(threading.Event):  # Flower's stop event, with the waits it was asked for
+        def __init__(self, scans: int) -> None:
+            super().__init__()
+            self.scans, self.waits = scans, []
+
+        def wait(self, timeout=None) -> bool:
+            self.waits.append(timeout)
+            if len(self.waits) == self.scans:
+                self.set()
+            return super().wait(0)
+
+    state = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                             ObjectStoreFactory()).state()
+    for sites, tick in ((4, 0.01), (8, 0.01), (16, 0.02), (64, 0.08), (200, 0.1)):
+        stop = Stop(scans=3)
+        scan(state, Queue(), {node: node for node in range(1, sites + 1)}, stop)
+        assert stop.waits == [tick] * 3 and engine_tick(sites) == tick  # Flower's is 0.1
