@@ -38,6 +38,35 @@ def test_our_values_are_the_opacus_accountants_values():
             prv.get_epsilon(1e-5), abs=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(q=st.one_of(st.just(1.0), st.floats(1e-4, 1.0)), sigma=st.floats(0.3, 20.0),
+       steps=st.integers(1, 5000), numpy_floats=st.booleans(),
+       orders=st.sampled_from([RDPAccountant.DEFAULT_ALPHAS, [1.5, 2, 32.0, 256]]))
+def test_kept_rdp_is_opacus_own_float_for_float(q, sigma, steps, numpy_floats, orders):
+    import numpy as np
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    opacus_own = rdp_analysis.compute_rdp.fedcare_kept  # what Opacus ships
+    if numpy_floats:
+        q, sigma = np.float64(q), np.float64(sigma)
+    for _ in range(2):  # computed, then kept
+        kept = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+        own = opacus_own(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+        assert kept.dtype == own.dtype and np.array_equal(kept, own, equal_nan=True)
+    kept[0] = -1.0  # a caller's array is its own: the kept vector does not change
+    assert np.array_equal(rdp_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=steps, orders=orders), own, equal_nan=True)
+
+
+def test_prv_epsilon_with_kept_rdp_is_opacus_own(monkeypatch):
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    history = [(5.0, 1.0, 1), (5 / 3 ** 0.5, 1.0, 3), (1.6367, 0.1152, 300)]  # the demo's
+    kept = accounting._prv_epsilon(history, 1e-5)
+    monkeypatch.setattr(rdp_analysis, "compute_rdp", rdp_analysis.compute_rdp.fedcare_kept)
+    assert accounting._prv_epsilon(history, 1e-5) == kept  # the same float
+
+
 @pytest.mark.parametrize("mechanism", [DEMO, (1.0, 0.05, 100), (0.8, 0.01, 1000)])
 def test_prv_claim_lies_within_its_stated_bound_of_the_true_epsilon(mechanism):
     """ε ≤ eps_upper ≤ ε(δ - 2·delta_error) + 2·eps_error; the true ε is taken from

@@ -51,6 +51,33 @@ RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 SIGMA_MAX = 1e3
 
 
+def _keeping(compute_rdp: Callable) -> Callable:
+    """Opacus's `compute_rdp`, keeping each (q, σ, orders)'s per-step RDP: it returns
+    `per-step RDP × steps`, so the kept vector gives the very floats it would. Opacus's
+    PRV computes its domain from RDP on every call (ε at each release: twice a
+    mechanism, ~40% of a PRV evaluation at fractional orders), of mechanisms a site
+    repeats every round."""
+    @lru_cache(maxsize=4096, typed=True)  # typed: a numpy float is computed as one
+    def per_step(q: float, sigma: float, orders: tuple, _types: tuple) -> np.ndarray:
+        rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders))
+        rdp.flags.writeable = False
+        return rdp
+
+    def kept(*, q, noise_multiplier, steps, orders):
+        if isinstance(orders, float):
+            return compute_rdp(q=q, noise_multiplier=noise_multiplier, steps=steps,
+                               orders=orders)
+        orders = tuple(orders)
+        return per_step(q, noise_multiplier, orders, tuple(map(type, orders))) * steps
+
+    kept.fedcare_kept = compute_rdp
+    return kept
+
+
+if not hasattr(rdp_analysis.compute_rdp, "fedcare_kept"):  # Opacus's own RDP accountant
+    rdp_analysis.compute_rdp = _keeping(rdp_analysis.compute_rdp)  # and PRV's domain use it
+
+
 class BudgetError(RuntimeError):
     """Training would exceed, or cannot establish, the privacy budget: refuse."""
 
