@@ -162,3 +162,30 @@ def test_each_site_reserves_its_cpus_and_its_share_of_the_gpu(share, device, cud
     sim = from_mapping({"simulation": {"num_sites": 3, "cpus_per_site": 2,
                                        "gpus_per_site": share}}).simulation
     assert site_resources(sim, device, cuda) == {"num_cpus": 2.0, "num_gpus": pytest.approx(gpus)}
+
+
+def test_every_dependency_is_pinned_in_constraints_at_a_version_it_admits():
+    """pyproject.toml says what fedcare runs with (torch as a range, so a GPU machine
+    keeps its own build); constraints.txt says what CI tests. `make install` applies
+    both, so a requirement that rejects its own pin would fail every fresh install."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in (*project["dependencies"],
+                                       *project["optional-dependencies"]["test"])]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            pin = Requirement(line)
+            (spec,) = pin.specifier
+            assert spec.operator == "==", f"constraints.txt: {line} is not an exact pin"
+            pins[canonicalize_name(pin.name)] = spec.version
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} has no pin in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), \
+            f"{requirement} rejects constraints.txt's {name}=={pins[name]}"
+    assert not Requirement(next(r for r in project["dependencies"] if r.startswith("torch"))
+                           ).specifier.contains("2.10.0"), "torch below 2.11 was never tested"
