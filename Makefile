@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test gpu-check flwr-run clean bench bench-quick
+.PHONY: install demo test gpu-check flwr-run clean bench bench-quick wheelhouse
 
 install: $(STAMP)
 
@@ -47,6 +47,20 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m simulations.bench --quick $(BENCH_ARGS)
+
+# every wheel fedcare needs but torch, for a machine with no network that has Python and
+# its own torch 2.11-2.13 (a hospital's GPU server); copy this folder and wheelhouse/ there:
+#   make wheelhouse WHEEL_PYTHON=3.12      (that machine's Python; Linux x86_64 by default)
+#   pip install --no-index --find-links wheelhouse -c wheelhouse/constraints.txt -e .
+WHEEL_PYTHON ?= 3.11
+# pip takes a wheel only for a tag named here: a glibc-2.28 machine also runs older manylinux tags
+WHEEL_PLATFORMS ?= $(foreach v,2_28 2_27 2_24 2_17 2_12 2_5,manylinux_$(v)_x86_64) manylinux2014_x86_64
+wheelhouse:
+	mkdir -p wheelhouse
+	grep -v '^torch==' constraints.txt > wheelhouse/constraints.txt
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --implementation cp --python-version $(WHEEL_PYTHON) $(addprefix --platform ,$(WHEEL_PLATFORMS)) \
+	  -d wheelhouse -r wheelhouse/constraints.txt 'setuptools>=69'
 
 clean:
 	rm -rf $(VENV) .flwr runs
