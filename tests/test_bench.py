@@ -371,6 +371,24 @@ def test_group_baseline_runs_record_level_at_the_per_record_share_of_the_promise
     assert patients.uls(4, "sum").name == "uls_k4_sum" and "uls_k4_sum" in names
 
 
+def test_each_mechanism_trains_with_the_head_recipe_tuned_for_it():
+    """ULS and group privacy run patients.yaml's recipe; record-level and non-private
+    runs are set back to the defaults' (each was tuned for its own mechanism)."""
+    from common.config import Config
+    from simulations.bench import patients
+
+    shipped, default = load_yaml(patients.PATIENTS).train, Config().train
+    tuned = (shipped.head_steps, shipped.head_learning_rate)
+    defaults = (default.head_steps, default.head_learning_rate)
+    assert tuned != defaults
+    for setup in patients.setups():
+        train = load_yaml(patients.PATIENTS, setup.overrides).train  # what the run trains with
+        record_level = setup.overrides["site.privacy_unit"] == "record" and \
+            not setup.name.startswith("group")
+        assert (train.head_steps, train.head_learning_rate) == \
+            (defaults if record_level else tuned), setup.name
+
+
 def _patient_configs(**runs):
     from simulations.bench import patients
 
